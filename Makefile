@@ -1,0 +1,25 @@
+# Two commands on a fresh machine (Python 3.11, pip, gcc):
+#   make demo   -> .venv + project + data, then train -> calibrate -> export -> run -> energy on digits
+#   make test   -> .venv + project + test deps, then the test suite
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUN ?= runs/demo
+
+.PHONY: venv install demo test clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install: $(BIN)/python
+	bash scripts/install.sh $(VENV)
+
+demo: install
+	bash scripts/demo.sh $(VENV) $(RUN)
+
+test: install
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,3 @@
+"""stata-deploy: token-pruned spiking transformers from training to neuromorphic deployment."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,290 @@
+"""Token sparsification: scorers, top-k selection, STATA alignment losses, and the one mask format.
+
+Token positions: the block sequence holds ``n_full`` tokens; with an anchor token it sits at position 0 and is
+never pruned. Slots always hold tokens in ascending position order.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .attention import AttnInfo
+from .errors import StataError
+from .neurons import TokenIndex
+from .registry import Registry
+
+# ----------------------------------------------------------------------------------------------- scorers
+# A scorer returns (scores, timestep_wise): scores (T, B, n) if timestep-wise else (B, n), over current slots.
+ScoreFn = Callable[..., tuple[torch.Tensor, bool]]
+SCORERS: Registry[ScoreFn] = Registry("pruning method")
+
+
+def _need_info(info: AttnInfo | None, method: str) -> AttnInfo:
+    if info is None:
+        raise StataError(f"pruning method {method!r} needs the previous block's attention")
+    return info
+
+
+@SCORERS.register("stata")
+def score_stata(x, info, generator=None, grid=None):
+    """Timestep-wise anchor token: the anchor's attention row per timestep, mean over heads."""
+    return _need_info(info, "stata").anchor_row(), True
+
+
+@SCORERS.register("anchor")
+def score_anchor(x, info, generator=None, grid=None):
+    """Anchor token without the timestep-wise split (AT): anchor row averaged over timesteps."""
+    return _need_info(info, "anchor").anchor_row().mean(0), False
+
+
+@SCORERS.register("random")
+def score_random(x, info, generator=None, grid=None):
+    T, B, n, _ = x.shape
+    return torch.rand((B, n), generator=generator, device=x.device), False
+
+
+@SCORERS.register("l1")
+def score_l1(x, info, generator=None, grid=None):
+    """l1-norm of each token, averaged over timesteps."""
+    return x.abs().sum(-1).mean(0), False
+
+
+@SCORERS.register("ssa")
+def score_ssa(x, info, generator=None, grid=None):
+    """Mean attention a token receives (over queries, heads, timesteps)."""
+    return _need_info(info, "ssa").mean_received().mean(0), False
+
+
+@SCORERS.register("tp")
+def score_tp(x, info, generator=None, grid=None, kernel: int = 3):
+    """TP-Spikformer's spatiotemporal criterion on image tokens x (T, B, N, C) laid out on a grid x grid.
+
+    temporal: softmax_n(mean_t |mean_c x_t - mean_c x_{t-1}|); spatial: softmax_n(-cos(x̄_n, ctx_n)) where the
+    context is TP's all-ones C x C k x k conv of x̄ = mean_t x: every output channel equals the box-filtered channel
+    sum, computed here as channel sum + box filter (same result, C x fewer MACs).
+    """
+    T, B, N, C = x.shape
+    if grid is None or grid * grid != N:
+        raise StataError("tp scoring needs the full image token grid")
+    if T > 1:
+        m = x.mean(-1)  # (T, B, N)
+        temporal = (m[1:] - m[:-1]).abs().mean(0)
+    else:
+        temporal = x.new_zeros(B, N)
+    xbar = x.mean(0)  # (B, N, C)
+    csum = xbar.sum(-1).reshape(B, 1, grid, grid)
+    ctx = F.avg_pool2d(csum, kernel, stride=1, padding=kernel // 2, count_include_pad=False) * kernel * kernel
+    ctx = ctx.reshape(B, N)  # every context channel equals this value
+    cos = (ctx * xbar.sum(-1)) / (ctx.abs() * math.sqrt(C) * xbar.norm(dim=-1) + 1e-6)
+    return temporal.softmax(-1) + (-cos).softmax(-1), False
+
+
+# --------------------------------------------------------------------------------------------- selection
+def num_keep(n_img: int, keep: float) -> int:
+    return max(1, math.ceil(keep * n_img - 1e-9))
+
+
+def select_topk(scores: torch.Tensor, timestep_wise: bool, T: int, keep: float, n_fixed: int) -> torch.Tensor:
+    """Local slot indices to keep: (T, B, k) ascending; the first ``n_fixed`` slots (anchor) always kept."""
+    if not timestep_wise:
+        scores = scores.unsqueeze(0).expand(T, *scores.shape)
+    img = scores[..., n_fixed:]
+    k = num_keep(img.shape[-1], keep)
+    top = img.topk(k, dim=-1).indices + n_fixed
+    top, _ = top.sort(-1)
+    if n_fixed:
+        fixed = torch.arange(n_fixed, device=top.device).expand(*top.shape[:-1], n_fixed)
+        top = torch.cat([fixed, top], -1)
+    return top
+
+
+def compose(index: TokenIndex | None, local: torch.Tensor, n_full: int, timestep_wise: bool) -> TokenIndex:
+    """Global index after selecting ``local`` slots (T, B, k) from the slots described by ``index``."""
+    if index is None:
+        g = local
+        tw = timestep_wise
+    else:
+        g = torch.gather(index.idx.expand(local.shape[0], local.shape[1], -1), 2, local)
+        tw = timestep_wise or index.timestep_wise
+    return TokenIndex(g, n_full, tw)
+
+
+def gather_slots(x: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """x (T, B, n, D), local (T, B, k) -> (T, B, k, D)."""
+    return torch.gather(x, 2, local.unsqueeze(-1).expand(*local.shape, x.shape[-1]))
+
+
+# -------------------------------------------------------------------------------------------- the masks
+@dataclass
+class TokenMasks:
+    """Static per-timestep token masks: the one mask format for training, export and every runtime.
+
+    sites: block index -> bool array (T, n_full) of kept tokens (positions in the full block sequence, anchor at 0
+    when present). mode: "drop" (pruned tokens leave the network) or "skip" (TP: unselected tokens skip the block).
+    """
+
+    sites: dict[int, np.ndarray]
+    n_full: int
+    T: int
+    mode: str = "drop"
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.mode not in ("drop", "skip"):
+            raise StataError(f"mask mode must be 'drop' or 'skip', got {self.mode!r}")
+        prev = None
+        for s in sorted(self.sites):
+            m = np.asarray(self.sites[s], dtype=bool)
+            if m.shape != (self.T, self.n_full):
+                raise StataError(f"mask for site {s} has shape {m.shape}, expected ({self.T}, {self.n_full})")
+            counts = m.sum(1)
+            if len(set(counts.tolist())) != 1 or counts[0] == 0:
+                raise StataError(f"mask for site {s} must keep the same non-zero number of tokens at every timestep")
+            if self.mode == "drop" and prev is not None and (m & ~prev).any():
+                raise StataError(f"mask for site {s} keeps tokens that an earlier site dropped")
+            self.sites[s] = m
+            prev = m if self.mode == "drop" else None
+
+    def kept(self, site: int) -> int:
+        return int(self.sites[site][0].sum())
+
+    def final_mask(self) -> np.ndarray:
+        """(T, n_full) tokens present after the last site (drop mode)."""
+        m = np.ones((self.T, self.n_full), dtype=bool)
+        if self.mode == "drop":
+            for s in sorted(self.sites):
+                m &= self.sites[s]
+        return m
+
+    def to_json(self) -> dict:
+        return {
+            "n_full": self.n_full,
+            "T": self.T,
+            "mode": self.mode,
+            "meta": self.meta,
+            "sites": {str(s): m.astype(int).tolist() for s, m in sorted(self.sites.items())},
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TokenMasks":
+        try:
+            return cls(
+                sites={int(s): np.asarray(m, dtype=bool) for s, m in d["sites"].items()},
+                n_full=int(d["n_full"]),
+                T=int(d["T"]),
+                mode=d.get("mode", "drop"),
+                meta=d.get("meta", {}),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise StataError(f"not a valid token mask description ({e})") from None
+
+    def save(self, path: str | Path) -> None:
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_json()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TokenMasks":
+        p = Path(path)
+        if not p.is_file():
+            raise StataError(f"mask file not found: {p}")
+        try:
+            d = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StataError(f"mask file {p} is not valid JSON ({e})") from None
+        return cls.from_json(d)
+
+    def check_model(self, cfg) -> None:
+        """Raise if these masks do not fit model config ``cfg``."""
+        if self.T != cfg.T or self.n_full != cfg.num_tokens:
+            raise StataError(
+                f"masks are for T={self.T}, {self.n_full} tokens; the model has T={cfg.T}, {cfg.num_tokens} tokens"
+            )
+        for s in self.sites:
+            if not 0 <= s < cfg.depth:
+                raise StataError(f"mask site {s} is not a block of this model (depth {cfg.depth})")
+
+
+def local_from_mask(index: TokenIndex | None, mask: np.ndarray, B: int, device) -> torch.Tensor:
+    """Local slot indices (T, B, k) selecting the tokens of ``mask`` (T, n_full) from the current slots."""
+    g = torch.as_tensor(np.stack([np.flatnonzero(m) for m in mask]), device=device)  # (T, k)
+    if index is None:
+        return g.unsqueeze(1).expand(-1, B, -1)
+    cur = index.idx[:, 0]  # (T, n) static masks: same slots for every sample
+    local = torch.searchsorted(cur.contiguous(), g)
+    return local.unsqueeze(1).expand(-1, B, -1)
+
+
+# ------------------------------------------------------------------------------------------ alignment
+def intra_alignment(maps: torch.Tensor) -> torch.Tensor:
+    """Intra-Alignment: split maps (T, B, H, n, n) along timesteps and heads, sort by l2 norm, pull the bottom
+    half toward the (detached) top half. Zero when all maps are identical."""
+    T, B, H, n, _ = maps.shape
+    units = maps.permute(1, 0, 2, 3, 4).reshape(B, T * H, n * n)
+    if T * H < 2:
+        return maps.new_zeros(())
+    order = units.norm(dim=-1).argsort(dim=-1, descending=True)
+    units = torch.gather(units, 1, order.unsqueeze(-1).expand_as(units))
+    half = (T * H) // 2
+    top, bottom = units[:, :half], units[:, T * H - half :]
+    return F.mse_loss(bottom, top.detach())
+
+
+def inter_alignment(shallow: list[torch.Tensor], deep: torch.Tensor) -> torch.Tensor:
+    """Inter-Alignment: the deepest map (detached, head-mean, interpolated) supervises each shallower one."""
+    teacher = deep.mean(2).detach()  # (T, B, n_d, n_d)
+    loss = deep.new_zeros(())
+    for m in shallow:
+        student = m.mean(2)  # (T, B, n_s, n_s)
+        T, B, n, _ = student.shape
+        t = F.interpolate(teacher.reshape(T * B, 1, *teacher.shape[-2:]), size=(n, n), mode="bilinear", align_corners=False)
+        loss = loss + F.mse_loss(student, t.reshape(T, B, n, n))
+    return loss
+
+
+@torch.no_grad()
+def calibrate_masks(model, batches, progress=None) -> TokenMasks:
+    """Freeze static per-timestep masks: per site and timestep, keep the tokens most often kept by dynamic top-k
+    on the calibration batches (later sites restricted to what earlier sites keep)."""
+    cfg = model.cfg
+    if not cfg.prune.active:
+        raise StataError("this model has no pruning configured (method none or keep 1.0): nothing to calibrate")
+    model.eval()
+    T, n_full = cfg.T, cfg.num_tokens
+    counts: dict[int, np.ndarray] = {}
+    for xb in batches:
+        out = model(xb)
+        for site, g in out.kept.items():  # g: (T, B, k) global positions
+            c = counts.setdefault(site, np.zeros((T, n_full), dtype=np.int64))
+            gi = g.cpu().numpy()
+            for t in range(T):
+                np.add.at(c[t], gi[t].reshape(-1), 1)
+        if progress is not None:
+            progress.update(1)
+    mode = "skip" if cfg.prune.method == "tp" else "drop"
+    sites: dict[int, np.ndarray] = {}
+    allowed = np.ones((T, n_full), dtype=bool)
+    fixed = 1 if cfg.anchor else 0
+    n_present = cfg.num_image_tokens
+    for site in sorted(counts):
+        k = num_keep(n_present, cfg.prune.keep)
+        m = np.zeros((T, n_full), dtype=bool)
+        for t in range(T):
+            c = counts[site][t].astype(float)
+            c[~allowed[t]] = -1
+            c[:fixed] = -1
+            order = np.argsort(-c, kind="stable")[:k]
+            m[t, order] = True
+            m[t, :fixed] = True
+        sites[site] = m
+        if mode == "drop":
+            allowed = m
+            n_present = k
+    return TokenMasks(sites, n_full, T, mode, meta={"method": cfg.prune.method, "keep": cfg.prune.keep})
