@@ -34,4 +34,5 @@ def run_torch(model, x: torch.Tensor, masks: TokenMasks | None = None, record: b
     finally:
         for h in hooks:
             h.remove()
-    return RunResult(out.logits_t.cpu().numpy(), spikes, model.encode(x).cpu().numpy(), dt)
+    kept = {s: g.cpu().numpy() for s, g in out.kept.items()}
+    return RunResult(out.logits_t.cpu().numpy(), spikes, model.encode(x).cpu().numpy(), dt, kept)

@@ -1,0 +1,22 @@
+"""The interface every exporter implements (registered under the entry-point group ``stata_deploy.exporters``)."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from .pruning import TokenMasks
+
+
+class Exporter(ABC):
+    """Lowers a trained model (eval mode) and its static masks to a file.
+
+    ``export`` must write atomically (``stata_deploy.checkpoint.atomic_write_bytes`` or temp file + rename) and
+    leave no file behind when it fails; an op it cannot lower raises ``UnsupportedOpError`` naming the op.
+    It returns a JSON-able summary (at least {"path": str}); anything a reader must know goes in "notes".
+    """
+
+    name: str = "?"
+    suffix: str = ""
+
+    @abstractmethod
+    def export(self, model, masks: TokenMasks | None, out: Path, **options) -> dict: ...
