@@ -54,6 +54,13 @@ def _surrogate(u: torch.Tensor, alpha: float) -> torch.Tensor:
     return alpha * sg * (1.0 - sg)
 
 
+def _surrogate_(u: torch.Tensor, alpha: float) -> torch.Tensor:
+    """In-place ``_surrogate`` on a temporary u (same op order): returns alpha * sig * (1 - sig)."""
+    sg = u.mul_(alpha).sigmoid_()
+    one_minus = torch.rsub(sg, 1.0)
+    return sg.mul_(alpha).mul_(one_minus)
+
+
 def _fire(h: torch.Tensor, v_th: float, ternary: bool) -> torch.Tensor:
     s = (h >= v_th).to(h.dtype)
     if ternary:
@@ -71,13 +78,22 @@ class _MultiStepNeuron(torch.autograd.Function):
         out = torch.empty_like(x)
         gaps = None
         if idx is None:
+            # Same arithmetic and order as ``v + (x - (v - v_reset)) / tau`` (bit-identical), written in place into
+            # the saved buffers: no per-step temporaries of the whole input (the LIF is memory-bound on CPU).
             v = torch.full_like(x[0], v_reset)
+            fired = torch.empty(x.shape[1:], dtype=torch.bool, device=x.device)
             for t in range(T):
-                h = v + (x[t] - (v - v_reset)) / tau
-                s = _fire(h, v_th, ternary)
-                hs[t] = h
-                out[t] = s
-                v = torch.where(s != 0, torch.full_like(h, v_reset), h)
+                h = hs[t]
+                torch.sub(x[t], v if v_reset == 0.0 else v - v_reset, out=h)
+                h.div_(tau)
+                h.add_(v)
+                if ternary:
+                    out[t] = _fire(h, v_th, True)
+                    torch.ne(out[t], 0, out=fired)
+                else:
+                    torch.ge(h, v_th, out=fired)
+                    out[t].copy_(fired)
+                v = h.masked_fill(fired, v_reset)
         else:
             B, k = idx.shape[1], idx.shape[2]
             feat = x.shape[3:]
@@ -111,16 +127,23 @@ class _MultiStepNeuron(torch.autograd.Function):
         decay = 1.0 - 1.0 / tau
         grad_x = torch.empty_like(hs)
         if not indexed:
-            gv = torch.zeros_like(hs[0])  # grad w.r.t. V[t] flowing back from step t+1
+            # In-place form of: gh = grad_out * sg + gv * (1 - |s|); grad_x = gh / tau; gv = gh * decay, with
+            # sg = alpha * sig * (1 - sig), sig = sigmoid(alpha * (h - v_th)) (same op order; gv * 0 -> 0).
+            gv = None  # grad w.r.t. V[t] flowing back from step t+1
+            fired = torch.empty(hs.shape[1:], dtype=torch.bool, device=hs.device)
             for t in range(T - 1, -1, -1):
                 h = hs[t]
-                s = _fire(h, v_th, ternary)
-                sg = _surrogate(h - v_th, alpha)
+                sg = _surrogate_(torch.sub(h, v_th), alpha)
                 if ternary:
-                    sg = sg + _surrogate(-h - v_th, alpha)
-                gh = grad_out[t] * sg + gv * (1.0 - s.abs())
-                grad_x[t] = gh / tau
-                gv = gh * decay
+                    sg.add_(_surrogate_(torch.neg(h).sub_(v_th), alpha))
+                    torch.logical_or(h >= v_th, h <= -v_th, out=fired)
+                else:
+                    torch.ge(h, v_th, out=fired)
+                gh = sg.mul_(grad_out[t]) if grad_out[t].dtype == sg.dtype else grad_out[t] * sg
+                if gv is not None:
+                    gh.add_(gv.masked_fill_(fired, 0.0))
+                torch.div(gh, tau, out=grad_x[t])
+                gv = gh.mul_(decay)
         else:
             B, k = idx.shape[1], idx.shape[2]
             feat = hs.shape[3:]
@@ -170,6 +193,52 @@ def lif_reference(x: torch.Tensor, tau=TAU, v_th=V_TH, v_reset=V_RESET, ternary=
         s = _fire(h, v_th, ternary)
         v = h * (1.0 - s.abs()) + v_reset * s.abs()
         out.append(s)
+    return torch.stack(out)
+
+
+def multistep_neuron_traceable(
+    x: torch.Tensor,
+    tau: float = TAU,
+    v_th: float = V_TH,
+    v_reset: float = V_RESET,
+    ternary: bool = False,
+    index: TokenIndex | None = None,
+) -> torch.Tensor:
+    """Forward-only twin of ``multistep_neuron`` in plain, out-of-place tensor ops (traceable by
+    ``torch.onnx.export``/``torch.export``, no data-dependent Python control flow, batch size symbolic).
+
+    Same arithmetic, in the same order, as ``_MultiStepNeuron.forward`` (so spikes are bit-identical), including the
+    timestep-wise indexed case: a full-N state buffer, a token not kept at t gets no input and its membrane decays by
+    ``(1 - 1/tau) ** gap`` when it is next kept. (The eager version applies the decay only when some gap > 0; here
+    it is always applied, which is the identity for gap 0 when ``v_reset == 0``, the value every model uses.)
+    """
+    T = x.shape[0]
+    out = []
+    if index is None or not index.timestep_wise:
+        v = torch.full_like(x[0], v_reset)
+        for t in range(T):
+            h = v + (x[t] - (v - v_reset)) / tau
+            s = _fire(h, v_th, ternary)
+            out.append(s)
+            v = torch.where(s != 0, torch.full_like(h, v_reset), h)
+        return torch.stack(out)
+    decay = 1.0 - 1.0 / tau
+    idx, n_full = index.idx, index.n_full  # (T, B, k)
+    nf = x.dim() - 3  # feature dims after (T, B, k)
+    V = torch.full_like(x[0, :, :1], v_reset).expand(-1, n_full, *([-1] * nf))  # (B, n_full, *F)
+    last = torch.full_like(idx[0, :, :1], -1).expand(-1, n_full)  # (B, n_full) last step each token was updated
+    for t in range(T):
+        it = idx[t]  # (B, k)
+        ie = it.reshape(*it.shape, *([1] * nf)).expand_as(x[t])
+        gap = (t - 1) - torch.gather(last, 1, it)  # skipped steps since the last update
+        fac = torch.pow(decay, gap.to(x.dtype)).reshape(*it.shape, *([1] * nf))
+        v = torch.gather(V, 1, ie)
+        v = v_reset + (v - v_reset) * fac
+        h = v + (x[t] - (v - v_reset)) / tau
+        s = _fire(h, v_th, ternary)
+        out.append(s)
+        V = V.scatter(1, ie, torch.where(s != 0, torch.full_like(h, v_reset), h))
+        last = last.scatter(1, it, torch.full_like(it, t))
     return torch.stack(out)
 
 
