@@ -1,0 +1,353 @@
+"""ONNX exporter: a trained spiking transformer + its static per-timestep token masks -> one ``.onnx`` file.
+
+The graph (opset 18, standard ``ai.onnx`` domain only, ``onnx.checker`` full check clean):
+
+* input ``x``: float32 (T, B, C, H, W) — the encoded input (direct encoding repeats an image T times; the runtime
+  does that). T, C, H, W are fixed, the batch B is symbolic.
+* outputs: ``logits_t`` (T, B, classes), then one output per neuron layer named by its torch module path
+  (``stem.stages.0.lif``, ``blocks.0.attn.q_lif``, ...; the keys of ``stata_deploy.inference.run_torch``), in the
+  slot layout of the torch model (pruned tokens absent), so a runtime returns the same ``RunResult`` and spikes can be
+  compared number for number. Dynamic-mask exports add ``kept.<site>`` (T, B, k) int64 kept token positions.
+* T is unrolled. LIF state is explicit inside the graph (a full-N membrane buffer per neuron layer when token sets
+  differ between timesteps): a token not kept at timestep t receives no input and its membrane decays by
+  ``(1 - 1/tau)`` per skipped step (the contract in ``stata_deploy/neurons.py``), so a dropped token never spikes.
+* static masks are initializers named ``stata_mask_site<i>``: bool (T, n_full), exactly ``TokenMasks.sites[i]``.
+  The graph derives the kept positions from them (TopK over ``mask * (N - position)`` gives the kept positions in
+  ascending order; CumSum gives slot numbers at later sites), so editing nothing else but the mask changes the
+  network consistently — and a reader can take the masks from the initializers.
+* weights are inline; when the initializers exceed ``EXTERNAL_DATA_BYTES`` (or ``external_data=True``) they go to
+  ``<file>.data`` beside the model (ONNX external data, one file).
+
+The description every stata-deploy file carries (the convention the NIR and Lava/netx exporters follow too): the
+model's ``metadata_props`` hold key ``"stata_deploy"`` with a JSON object::
+
+    {"format": "stata-deploy-onnx/1", "version": <package version>, "run_dir": <absolute run folder or null>,
+     "config": ModelConfig.to_dict(), "preset": name, "T": T, "masks": TokenMasks.to_json() or null,
+     "mask_source": "static" | "dynamic" | "none", "pruning": {...}, "input": {...}, "outputs": [...], "neuron": {...}}
+
+``run_dir`` lets ``stata-deploy run FILE --compare torch`` find the original run folder (weights, config) and
+run the torch reference with the same static masks (``masks``).
+
+A failed export leaves no file behind: everything is written to temporary files in the target folder and renamed
+into place at the end.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from stata_deploy.errors import StataError, UnsupportedOpError
+from stata_deploy.exporter_api import Exporter
+from stata_deploy.inference import neuron_layers
+from stata_deploy.neurons import NEURON_TYPES, ReLUNeuron, TokenIndex, multistep_neuron_traceable
+from stata_deploy.pruning import TokenMasks, gather_slots
+
+FORMAT = "stata-deploy-onnx/1"
+META_KEY = "stata_deploy"
+OPSET = 18
+MASK_PREFIX = "stata_mask_site"
+EXTERNAL_DATA_BYTES = 1 << 30  # ONNX protobufs are limited to 2 GiB; go external well before
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("stata-deploy")
+    except Exception:  # pragma: no cover - running from a source tree without metadata
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------------- tracing
+class _Tap(nn.Module):
+    """Stands in for a neuron module while tracing: the traceable neuron, and records its output under ``name``."""
+
+    def __init__(self, neuron: nn.Module, name: str, sink: dict):
+        super().__init__()
+        self.name, self.sink = name, sink
+        self.relu = isinstance(neuron, ReLUNeuron)
+        self.tau = getattr(neuron, "tau", None)
+        self.v_th = getattr(neuron, "v_th", None)
+        self.v_reset = getattr(neuron, "v_reset", None)
+        self.ternary = bool(getattr(neuron, "_ternary", False))
+
+    def forward(self, x: torch.Tensor, index: TokenIndex | None = None) -> torch.Tensor:
+        if self.relu:
+            s = torch.relu(x)
+        else:
+            s = multistep_neuron_traceable(x, self.tau, self.v_th, self.v_reset, self.ternary, index)
+        self.sink[self.name] = s
+        return s
+
+
+def _tapped_copy(model: nn.Module) -> tuple[nn.Module, list[str], dict]:
+    """A deep copy of ``model`` whose neuron modules are replaced by taps; returns (copy, layer names, sink)."""
+    m = copy.deepcopy(model).eval()
+    sink: dict[str, torch.Tensor] = {}
+    names = neuron_layers(m)
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = m.get_submodule(parent_name) if parent_name else m
+        neuron = getattr(parent, attr)
+        if not isinstance(neuron, NEURON_TYPES):  # pragma: no cover - neuron_layers guarantees it
+            raise UnsupportedOpError(f"cannot lower neuron {name} ({type(neuron).__name__})")
+        setattr(parent, attr, _Tap(neuron, name, sink))
+    return m, names, sink
+
+
+class _StaticGraph(nn.Module):
+    """The model's forward with static masks, written so that the masks are graph initializers.
+
+    Mirrors ``SpikingTransformer.forward(x, masks)`` (drop mode: gather the kept slots, compose the global index;
+    skip mode (TP): kept tokens go through the block, the others keep their input). The parity tests check it
+    against the eager model spike for spike.
+    """
+
+    def __init__(self, model: nn.Module, masks: TokenMasks | None):
+        super().__init__()
+        self.net, self.names, self.sink = _tapped_copy(model)
+        self.cfg = model.cfg
+        self.mode = masks.mode if masks is not None else "drop"
+        self.sites = sorted(masks.sites) if masks is not None else []
+        self.k = {s: masks.kept(s) for s in self.sites}
+        self.tw: dict[int, bool] = {}
+        tw = False
+        for s in self.sites:
+            m = masks.sites[s]
+            tw = bool((m != m[:1]).any()) or (tw and self.mode == "drop")
+            self.tw[s] = tw
+            self.register_buffer(f"{MASK_PREFIX}{s}", torch.as_tensor(m, dtype=torch.bool))
+
+    def _positions(self, s: int) -> torch.Tensor:
+        """Kept positions (T, k) of site s, ascending, from its mask initializer."""
+        mask = getattr(self, f"{MASK_PREFIX}{s}")
+        n = mask.shape[1]
+        rank = n - torch.arange(n, dtype=torch.float32)  # larger for earlier positions
+        return torch.topk(mask.to(torch.float32) * rank, self.k[s], dim=1).indices  # (T, k)
+
+    def forward(self, x: torch.Tensor):
+        net, cfg = self.net, self.cfg
+        self.sink.clear()
+        x = net.tokens(x)  # (T, B, N, D)
+        T, B, N, D = x.shape
+        n_fixed = 1 if cfg.anchor else 0
+        index: TokenIndex | None = None
+        prev: int | None = None
+        for i, blk in enumerate(net.blocks):
+            if i in self.k:
+                g = self._positions(i)  # (T, k) global positions
+                k = self.k[i]
+                if self.mode == "skip":
+                    local = g.unsqueeze(1).expand(T, B, k)
+                    y, _ = blk(gather_slots(x, local), TokenIndex(local, N, False))
+                    x = x.scatter(2, local.unsqueeze(-1).expand(T, B, k, D), y)
+                    continue
+                if prev is None:
+                    local = g
+                else:  # slot number of each kept token among the slots present after the previous site
+                    pm = getattr(self, f"{MASK_PREFIX}{prev}").to(torch.int64)
+                    local = torch.gather(torch.cumsum(pm, 1) - 1, 1, g)
+                x = gather_slots(x, local.unsqueeze(1).expand(T, B, k))
+                index = TokenIndex(g.unsqueeze(1).expand(T, B, k), N, self.tw[i])
+                prev = i
+            x, _ = blk(x, index)
+        img = x[:, :, n_fixed:] if n_fixed else x
+        logits_t = net.head(img.mean(2))  # (T, B, classes)
+        return (logits_t, *[self.sink[n] for n in self.names])
+
+
+class _DynamicGraph(nn.Module):
+    """The model's own forward with dynamic top-k (scores, TopK, gathers all in the graph)."""
+
+    def __init__(self, model: nn.Module, sites: list[int]):
+        super().__init__()
+        self.net, self.names, self.sink = _tapped_copy(model)
+        self.sites = sites
+
+    def forward(self, x: torch.Tensor):
+        self.sink.clear()
+        out = self.net(x)
+        return (out.logits_t, *[self.sink[n] for n in self.names], *[out.kept[s] for s in self.sites])
+
+
+# ----------------------------------------------------------------------------------------------- export
+def _initializer_bytes(proto) -> int:
+    return sum(int(np.prod(t.dims, dtype=np.int64)) * 4 for t in proto.graph.initializer)
+
+
+def _check_standard(proto) -> None:
+    bad = sorted({n.domain for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
+    if bad or len(proto.functions):
+        raise UnsupportedOpError(f"the ONNX graph uses non-standard domains or functions: {bad or 'functions'}")
+
+
+class OnnxExporter(Exporter):
+    name = "onnx"
+    suffix = ".onnx"
+
+    def export(self, model, masks: TokenMasks | None, out: Path, dynamic_masks: bool = False,
+               run_dir: str | Path | None = None, external_data: bool | None = None, opset: int = OPSET,
+               **options) -> dict:
+        """Export ``model`` with static ``masks`` (or, with ``dynamic_masks=True`` and no masks, dynamic top-k)."""
+        import onnx
+
+        out = Path(out)
+        cfg = model.cfg
+        model.eval()
+        if opset < 17:
+            raise StataError(f"opset {opset} is too old: use 17 or newer")
+        pruned = cfg.prune.active
+        if masks is not None:
+            masks.check_model(cfg)
+            if dynamic_masks:
+                raise StataError("static masks were given together with dynamic masks: choose one")
+        elif pruned and not dynamic_masks:
+            raise StataError(
+                f"the model is pruned ({cfg.prune.method}, keep {cfg.prune.keep}) but no static masks were given: run "
+                "`stata-deploy calibrate RUN` first, or export with --masks dynamic")
+        notes = []
+        if masks is not None:
+            source = "static"
+            graph = _StaticGraph(model, masks)
+            extra_outputs: list[str] = []
+        elif pruned:
+            if cfg.prune.method == "random":
+                raise UnsupportedOpError("dynamic 'random' token selection has no deterministic ONNX lowering; "
+                                         "calibrate static masks instead")
+            source = "dynamic"
+            with torch.no_grad():
+                probe = model(torch.zeros(cfg.T, 1, cfg.in_channels, cfg.img_size, cfg.img_size))
+            sites = sorted(probe.kept)
+            graph = _DynamicGraph(model, sites)
+            extra_outputs = [f"kept.{s}" for s in sites]
+            notes.append("dynamic top-k in the graph: ties between equal scores may be broken differently by "
+                         "ONNX Runtime's TopK than by torch.topk")
+        else:
+            source = "none"
+            graph = _StaticGraph(model, None)
+            extra_outputs = []
+        output_names = ["logits_t", *graph.names, *extra_outputs]
+        example = torch.zeros(cfg.T, 2, cfg.in_channels, cfg.img_size, cfg.img_size)
+        desc = {
+            "format": FORMAT,
+            "version": package_version(),
+            "run_dir": str(Path(run_dir).resolve()) if run_dir is not None else None,
+            "config": cfg.to_dict(),
+            "preset": cfg.name,
+            "T": cfg.T,
+            "masks": masks.to_json() if masks is not None else None,
+            "mask_source": source,
+            "mask_initializers": {str(s): f"{MASK_PREFIX}{s}" for s in sorted(masks.sites)} if masks else {},
+            "pruning": {"method": cfg.prune.method, "keep": cfg.prune.keep, "sites": cfg.prune.resolved_sites(cfg.depth)
+                        if cfg.prune.active else [], "mode": masks.mode if masks is not None else None},
+            "input": {"name": "x", "shape": ["T", "B", cfg.in_channels, cfg.img_size, cfg.img_size],
+                      "encoding": "direct: an image (B, C, H, W) in [0, 1] repeated over T"},
+            "outputs": output_names,
+            "spike_outputs": graph.names,
+            "neuron": {"model": "LIF (SpikingJelly form), hard reset; dropped tokens get no input and decay",
+                       "tau": 2.0, "v_reset": 0.0},
+        }
+        try:
+            with torch.no_grad(), _quiet():
+                buf = io.BytesIO()
+                # The TorchScript tracer: ~10x faster than the dynamo exporter on these unrolled graphs, and with
+                # constant folding off the mask buffers stay initializers (ONNX Runtime folds them at load time).
+                torch.onnx.export(
+                    graph, (example,), buf, dynamo=False, input_names=["x"], output_names=output_names,
+                    dynamic_axes={n: {1: "batch"} for n in ["x", *output_names]}, opset_version=opset,
+                    do_constant_folding=False, export_params=True,
+                )
+            proto = onnx.load_from_string(buf.getvalue())
+        except StataError:
+            raise
+        except Exception as e:  # the tracer's errors are long; keep the first line
+            raise UnsupportedOpError(f"torch.onnx.export failed: {str(e).strip().splitlines()[0]}") from e
+        _check_standard(proto)
+        # unused opset imports of the exporter's private domains would make readers look for them
+        used = {n.domain for n in proto.graph.node}
+        keep = [o for o in proto.opset_import if o.domain in ("", "ai.onnx") or o.domain in used]
+        del proto.opset_import[:]
+        proto.opset_import.extend(keep)
+        if masks is not None:
+            inits = {t.name for t in proto.graph.initializer}
+            missing = [f"{MASK_PREFIX}{s}" for s in masks.sites if f"{MASK_PREFIX}{s}" not in inits]
+            if missing:
+                raise UnsupportedOpError(f"mask initializers were lost while exporting: {', '.join(missing)}")
+        proto.producer_name = "stata-deploy"
+        proto.producer_version = desc["version"]
+        proto.doc_string = f"stata-deploy {cfg.name}: spiking transformer, T={cfg.T}, masks {source}"
+        del proto.metadata_props[:]
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = META_KEY, json.dumps(desc)
+        big = _initializer_bytes(proto) > EXTERNAL_DATA_BYTES if external_data is None else bool(external_data)
+        data_path = out.with_name(out.name + ".data") if big else None
+        _write_atomic(proto, out, data_path)
+        return {
+            "path": str(out),
+            "format": "onnx",
+            "opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+            "bytes": out.stat().st_size + (data_path.stat().st_size if data_path else 0),
+            "external_data": str(data_path) if data_path else None,
+            "masks": source,
+            "spike_outputs": len(graph.names),
+            "notes": notes,
+        }
+
+
+class _quiet:
+    """Silence the exporter's progress prints (it writes to stdout) so --json output stays one object."""
+
+    def __enter__(self):
+        import contextlib
+        import io
+        import warnings
+
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        self._stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")
+        return self
+
+    def __exit__(self, *exc):
+        self._stack.close()
+
+
+def _write_atomic(proto, out: Path, data_path: Path | None) -> None:
+    """Check and write the model (and its external data) to temp files beside ``out``, then rename into place."""
+    import onnx
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        tmp = tmpdir / out.name
+        if data_path is None:
+            onnx.save_model(proto, str(tmp))
+        else:
+            onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_path.name, size_threshold=1024)
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except onnx.checker.ValidationError as e:
+            raise UnsupportedOpError(f"the exported graph fails onnx.checker: {str(e).splitlines()[0]}") from e
+        if data_path is not None:
+            os.replace(tmpdir / data_path.name, data_path)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if data_path is not None:
+                data_path.unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        raise StataError(f"cannot write {out}: {e.strerror or e}") from None
+    finally:
+        for p in tmpdir.glob("*"):
+            p.unlink()
+        tmpdir.rmdir()
