@@ -1,0 +1,616 @@
+"""Export a trained stata-deploy model (and its static token masks) to a standard NIR 1.0 file.
+
+Only the standard NIR node types are written (Input, Output, Affine, Conv2d, SumPool2d, LIF): a custom node type
+makes ``nir.read`` fail for every reader. Everything a reader must know beyond the standard nodes is described in
+the graph metadata under ``"stata_deploy"`` (a JSON string); ``runtimes.nir_graph`` documents the executed
+semantics. The lowering:
+
+- LIF (SpikingJelly form, tau in steps) -> ``nir.LIF(tau=tau_steps*NIR_DT, r=1, v_leak=V_reset, v_reset=V_reset,
+  v_threshold=V_th)`` with float64 parameters; under forward Euler with step NIR_DT this is the same update.
+- BatchNorm is folded into the preceding Conv2d / Linear (weights and biases in float64).
+- The SPS stem: Conv2d / LIF nodes on (C, H, W) maps; a max-pool of binary spikes is a SumPool2d followed by a
+  memoryless gate (LIF with tau = NIR_DT, threshold 0.5: "any spike in the window"); the RPE residual sum is two
+  edges into one node.
+- Tokens: the (D, g, g) map becomes a token row (D, 1, N) through two depthwise Conv2d nodes with one-hot kernels
+  (a pure re-indexing, token p = i*g + j as in torch's flatten). Per-token Linear+BN = Conv2d 1x1. The anchor token
+  and the token selection at a pruning site are Affine nodes over the token axis (NIR's batched Affine: weight
+  (D, 1, n_out, n_in)). Residual sums are several edges into one node. The head (mean over image tokens + Linear)
+  is one Conv2d with kernel (1, n): output port ``logits`` (classes, 1, 1); the prediction averages it over T.
+- SDSA (spike-driven) is complete in standard nodes: K ⊙ V = gate(k + v) with threshold 1.5, the token sum a
+  depthwise Conv2d with a (1, n) kernel of ones, LIF_0.5, a depthwise Conv2d that copies the (D, 1, 1) result to
+  every token, Q ⊙ kv = another gate. The gate is an ``nir.LIF`` with tau = 1 * NIR_DT (memoryless under Euler):
+  snntorch 1.0.0 imports it exactly; ``nir.Threshold`` is rejected by spikingjelly's importer.
+- SSA and A²OS²A need a product of two activations, which NIR cannot express: Q, K, V leave the graph through
+  Output ports and the product enters through an Input port; the host operation is described in metadata
+  (``host_ops``). A metadata-ignoring reader sees a graph with extra inputs it has no values for: it cannot run the
+  model without supplying them, so it cannot silently compute a different network. ``split=True`` also writes the
+  standard segments between host operations as separate, runnable files.
+- Static masks (``TokenMasks``): at each drop site, tokens never kept at any timestep are removed from the graph;
+  the remaining schedule (T, n) is in metadata (``token_segments``) and executed by our reader. TP ("skip") masks
+  must be the same at every timestep and are then entirely structural.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from stata_deploy.attention import A2OS2A, SDSA, SSA, LinearBN
+from stata_deploy.errors import StataError, UnsupportedOpError
+from stata_deploy.exporter_api import Exporter
+from stata_deploy.neurons import LIF, ReLUNeuron, TernaryLIF
+from stata_deploy.pruning import TokenMasks
+
+NIR_DT = 1e-4  # the Euler step every LIF's tau is expressed in (tau = tau_steps * NIR_DT); the one place it is set
+GATE_TH = 1.5  # threshold of the memoryless AND gate on a + b for binary a, b
+FORMAT_VERSION = 1
+
+
+def _f64(a) -> np.ndarray:
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().double().numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
+def fold_bn(weight, bias, bn) -> tuple[np.ndarray, np.ndarray]:
+    """Fold eval-mode BatchNorm into the preceding layer: returns (W', b') in float64 (out axis first)."""
+    w = _f64(weight)
+    b = _f64(bias) if bias is not None else np.zeros(w.shape[0])
+    scale = _f64(bn.weight) / np.sqrt(_f64(bn.running_var) + bn.eps)
+    w2 = w * scale.reshape(-1, *([1] * (w.ndim - 1)))
+    b2 = (b - _f64(bn.running_mean)) * scale + _f64(bn.bias)
+    return w2, b2
+
+
+def _dense_groups(w: np.ndarray, groups: int) -> np.ndarray:
+    """A grouped conv weight (Co, Ci/G, kh, kw) as the equivalent dense (Co, Ci, kh, kw) weight."""
+    if groups == 1:
+        return w
+    co, cig, kh, kw = w.shape
+    cog = co // groups
+    out = np.zeros((co, cig * groups, kh, kw))
+    for gi in range(groups):
+        out[gi * cog:(gi + 1) * cog, gi * cig:(gi + 1) * cig] = w[gi * cog:(gi + 1) * cog]
+    return out
+
+
+@dataclass
+class Tok:
+    """Token layout: ``grid`` = g: tokens are the (D, g, g) map of the stem (no anchor, no masks: every node is a
+    Conv2d/LIF that snntorch can import); ``grid`` = None: a token row (D, 1, n), token axis last."""
+
+    n: int
+    grid: int | None = None
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return (self.grid, self.grid) if self.grid else (1, self.n)
+
+    def shape(self, D: int) -> tuple[int, int, int]:
+        return (D, *self.hw)
+
+    @property
+    def layout(self) -> str:
+        return "grid_tokens" if self.grid else "tokens"
+
+
+class _Builder:
+    """Collects NIR nodes and edges; the lowering functions below add to it."""
+
+    def __init__(self, T: int):
+        import nir
+
+        self.nir = nir
+        self.T = T
+        self.nodes: dict = {}
+        self.edges: list = []
+        self.host_ops: list[dict] = []
+        self.segments: dict[str, dict] = {}
+        self.sites: dict[str, str] = {}
+        self.seg: str | None = None  # current token segment id (masked ops)
+
+    def add(self, name: str, node, inputs=(), **meta) -> str:
+        if name in self.nodes:
+            raise StataError(f"internal: duplicate NIR node {name!r}")
+        meta = {k: v for k, v in meta.items() if v is not None}
+        if meta:
+            node.metadata = {**(node.metadata or {}), **meta}
+        self.nodes[name] = node
+        for s in inputs:
+            self.edges.append((s, name))
+        return name
+
+    # ---- node factories
+    def lif(self, name, inputs, shape, v_th, tau_steps, v_reset=0.0, layer=None, layout=None, tokens=None, role=None):
+        shape = tuple(shape)
+        node = self.nir.LIF(
+            tau=np.full(shape, tau_steps * NIR_DT, dtype=np.float64),
+            r=np.ones(shape, dtype=np.float64),
+            v_leak=np.full(shape, v_reset, dtype=np.float64),
+            v_threshold=np.full(shape, v_th, dtype=np.float64),
+            v_reset=np.full(shape, v_reset, dtype=np.float64),
+        )
+        return self.add(name, node, inputs, layer=layer, layout=layout, tokens=tokens, role=role)
+
+    def neuron(self, name, inputs, shape, mod, layout, tokens=None):
+        if type(mod) is not LIF:
+            raise UnsupportedOpError(f"neuron {name!r} of type {type(mod).__name__} has no NIR lowering")
+        return self.lif(name, inputs, shape, float(mod.v_th), float(mod.tau), float(mod.v_reset), layer=name,
+                        layout=layout, tokens=tokens)
+
+    def conv(self, name, inputs, in_hw, w, b, stride=1, padding=0, groups=1, tokens=None, role=None):
+        # NIR 1.0.8 types a Conv2d's input as weight.shape[1] channels, i.e. it does not model groups: a grouped
+        # conv fails nir's type check, so grouped kernels are written as the equivalent dense (block-diagonal) one
+        w = _dense_groups(np.asarray(w, np.float64), int(groups))
+        node = self.nir.Conv2d(input_shape=tuple(int(v) for v in in_hw), weight=w,
+                               stride=stride, padding=padding, dilation=1, groups=1,
+                               bias=np.asarray(b, np.float64))
+        return self.add(name, node, inputs, tokens=tokens, role=role)
+
+    def token_linear(self, name, inputs, lbn: LinearBN, tok: "Tok"):
+        """Per-token Linear + BN as a 1x1 Conv2d on the token map (D, g, g) or token row (D, 1, n)."""
+        w, b = fold_bn(lbn.linear.weight, lbn.linear.bias, lbn.bn)
+        return self.conv(name, inputs, tok.hw, w[:, :, None, None], b, tokens=self.seg)
+
+    def token_sum(self, name, src, D, tok: "Tok"):
+        """Sum over tokens -> (D, 1, 1): grid: Conv2d with a (g, g) kernel of ones per channel; row: Affine."""
+        if tok.grid:
+            g = tok.grid
+            return self.conv(name, [src], (g, g), np.ones((D, 1, g, g)), np.zeros(D), groups=D, role="token_sum")
+        return self.token_affine(name, [src], D, np.ones((1, tok.n)))
+
+    def token_broadcast(self, name, src, D, tok: "Tok"):
+        """(D, 1, 1) -> every token: grid: Conv2d (g, g) of ones with padding g-1; row: Affine."""
+        if tok.grid:
+            g = tok.grid
+            return self.conv(name, [src], (1, 1), np.ones((D, 1, g, g)), np.zeros(D), padding=g - 1, groups=D,
+                             role="token_broadcast")
+        return self.token_affine(name, [src], D, np.ones((tok.n, 1)), tokens=self.seg)
+
+    def token_affine(self, name, inputs, D, mat, bias=None, tokens=None):
+        """Affine over the token axis, the same (n_out, n_in) matrix for every channel: weight (D, 1, n_out, n_in)."""
+        n_out, n_in = mat.shape
+        w = np.broadcast_to(np.asarray(mat, np.float64), (D, 1, n_out, n_in)).copy()
+        b = np.zeros((D, 1, n_out)) if bias is None else np.asarray(bias, np.float64)
+        return self.add(name, self.nir.Affine(weight=w, bias=b), inputs, tokens=tokens)
+
+    def port_out(self, name, src, shape, tokens=None, role="host_port"):
+        return self.add(name, self.nir.Output(output_type={"output": np.array(shape)}), [src], tokens=tokens, role=role)
+
+    def port_in(self, name, shape, tokens=None, role="host_result"):
+        return self.add(name, self.nir.Input(input_type={"input": np.array(shape)}), [], tokens=tokens, role=role)
+
+
+# ------------------------------------------------------------------------------------------------ the stem
+def _lower_stem(b: _Builder, model) -> tuple[list[str], int, int]:
+    cfg = model.cfg
+    C, H = cfg.in_channels, cfg.img_size
+    b.add("input", b.nir.Input(input_type={"input": np.array([C, H, H])}))
+    prev, hw, ch = ["input"], H, C
+    for i, st in enumerate(model.stem.stages):
+        w, bias = fold_bn(st.conv.conv.weight, st.conv.conv.bias, st.conv.bn)
+        ch = w.shape[0]
+        c = b.conv(f"stem.stages.{i}.conv", prev, (hw, hw), w, bias, padding=1)
+        s = b.neuron(f"stem.stages.{i}.lif", [c], (ch, hw, hw), st.lif, "grid")
+        prev = [s]
+        if st.pool is not None:
+            pool = st.pool.pool
+            if (pool.kernel_size, pool.stride, pool.padding) not in ((3, 2, 1), ((3, 3), (2, 2), (1, 1))):
+                raise UnsupportedOpError(f"MaxPool2d at stem.stages.{i}.pool with kernel {pool.kernel_size} has no "
+                                         "NIR lowering here")
+            p = b.add(f"stem.stages.{i}.pool.sum", b.nir.SumPool2d(kernel_size=np.array([3, 3]),
+                                                                   stride=np.array([2, 2]), padding=np.array([1, 1])),
+                      prev)
+            hw = (hw + 2 - 3) // 2 + 1
+            prev = [b.lif(f"stem.stages.{i}.pool.any", [p], (ch, hw, hw), 0.5, 1.0, role="gate")]
+    w, bias = fold_bn(model.stem.rpe.conv.weight, model.stem.rpe.conv.bias, model.stem.rpe.bn)
+    r = b.conv("stem.rpe.conv", prev, (hw, hw), w, bias, padding=1)
+    rl = b.neuron("stem.rpe_lif", [r], (ch, hw, hw), model.stem.rpe_lif, "grid")
+    return [*prev, rl], ch, hw
+
+
+def _lower_tokens(b: _Builder, srcs: list[str], D: int, g: int, model) -> tuple[list[str], int]:
+    """(D, g, g) map (sum of srcs) -> token row (D, 1, N [+1 anchor]).
+
+    One Conv2d re-indexes the map: kernel (g, g), dilation (1, g), padding (0, (g-1)*g), weight[d, d, i, g-1-i] = 1,
+    so output column p = i*g + j reads row i, column j (torch's flatten order). The anchor token is an Affine over
+    the token axis whose bias holds it at position 0."""
+    w = np.zeros((D, D, g, g))
+    for d in range(D):
+        for i in range(g):
+            w[d, d, i, g - 1 - i] = 1.0
+    node = b.nir.Conv2d(input_shape=(g, g), weight=w, stride=1, padding=(0, (g - 1) * g), dilation=(1, g), groups=1,
+                        bias=np.zeros(D))
+    cols = b.add("tokens.row", node, srcs, role="reindex")
+    n = g * g
+    if model.anchor is not None:
+        mat = np.zeros((n + 1, n))
+        mat[1:, :] = np.eye(n)
+        bias = np.zeros((D, 1, n + 1))
+        bias[:, 0, 0] = _f64(model.anchor).reshape(-1)
+        return [b.token_affine("tokens.anchor", [cols], D, mat, bias)], n + 1
+    return [cols], n
+
+
+# ----------------------------------------------------------------------------------------------- attention
+def _qkv(b, attn, pre, R, D, tok, lif_names=("q", "k", "v")):
+    outs = {}
+    for nm in ("q", "k", "v"):
+        c = b.token_linear(f"{pre}.{nm}", R, getattr(attn, nm), tok)
+        mod = getattr(attn, f"{nm}_lif")
+        outs[nm] = b.neuron(f"{pre}.{nm}_lif", [c], tok.shape(D), mod, tok.layout, b.seg) if nm in lif_names else c
+    return outs
+
+
+def _tail(b, attn, pre, y, D, tok):
+    """attn_lif (given its input) -> proj -> proj_lif."""
+    a = b.neuron(f"{pre}.attn_lif", y, tok.shape(D), attn.attn_lif, tok.layout, b.seg)
+    p = b.token_linear(f"{pre}.proj", [a], attn.proj, tok)
+    return b.neuron(f"{pre}.proj_lif", [p], tok.shape(D), attn.proj_lif, tok.layout, b.seg)
+
+
+def lower_ssa(b: _Builder, attn: SSA, pre: str, R: list[str], D: int, tok: Tok) -> str:
+    o = _qkv(b, attn, pre, R, D, tok)
+    n = tok.n
+    ports = [b.port_out(f"{pre}.host.{nm}", o[nm], tok.shape(D), b.seg) for nm in ("q", "k", "v")]
+    res = b.port_in(f"{pre}.host.result", tok.shape(D), b.seg)
+    b.host_ops.append(dict(name=f"{pre}.product", kind="ssa_product", inputs=ports, output=res, tokens=b.seg,
+                           attrs=dict(heads=attn.heads, scale=float(attn.scale)),
+                           equation="per head: Y = (Q K^T) V * scale; Q, K, V binary spikes (D, 1, n) or (D, g, g) "
+                                    "(tokens = the flattened spatial axes), channel h*dh+j is head h; masked tokens "
+                                    "are zero"))
+    return _tail(b, attn, pre, [res], D, tok)
+
+
+def lower_a2os2a(b: _Builder, attn: A2OS2A, pre: str, R: list[str], D: int, tok: Tok) -> str:
+    n = tok.n
+    for nm, want in (("k_lif", ReLUNeuron), ("v_lif", TernaryLIF), ("q_lif", LIF)):
+        if type(getattr(attn, nm)) is not want:
+            raise UnsupportedOpError(f"{pre}.{nm} ({type(getattr(attn, nm)).__name__}) has no NIR lowering")
+    o = _qkv(b, attn, pre, R, D, tok, lif_names=("q",))
+    ports = [b.port_out(f"{pre}.host.{nm}", o[nm], tok.shape(D), b.seg) for nm in ("q", "k", "v")]
+    res = b.port_in(f"{pre}.host.result", tok.shape(D), b.seg)
+    v = attn.v_lif
+    b.host_ops.append(dict(name=f"{pre}.product", kind="a2os2a_product", inputs=ports, output=res, tokens=b.seg,
+                           attrs=dict(heads=attn.heads, tau_steps=float(v.tau), v_th=float(v.v_th),
+                                      v_reset=float(v.v_reset)),
+                           records={"k": f"{pre}.k_lif", "v": f"{pre}.v_lif"},
+                           equation="K = relu(k_pre); V = ternary LIF(v_pre) (H = V + (X - (V - v_reset))/tau_steps; "
+                                    "+1 at H >= v_th, -1 at H <= -v_th, hard reset; state per token); "
+                                    "per head: Y = Q (K^T V)"))
+    return _tail(b, attn, pre, [res], D, tok)
+
+
+def lower_sdsa(b: _Builder, attn: SDSA, pre: str, R: list[str], D: int, tok: Tok) -> str:
+    o = _qkv(b, attn, pre, R, D, tok)
+    sh = tok.shape(D)
+    kv = b.lif(f"{pre}.kv_and", [o["k"], o["v"]], sh, GATE_TH, 1.0, role="gate", tokens=b.seg)
+    s = b.token_sum(f"{pre}.kv_sum", kv, D, tok)
+    a = b.neuron(f"{pre}.attn_lif", [s], (D, 1, 1), attn.attn_lif, "single")
+    bc = b.token_broadcast(f"{pre}.kv_broadcast", a, D, tok)
+    g = b.lif(f"{pre}.qkv_and", [o["q"], bc], sh, GATE_TH, 1.0, role="gate", tokens=b.seg)
+    p = b.token_linear(f"{pre}.proj", [g], attn.proj, tok)
+    return b.neuron(f"{pre}.proj_lif", [p], sh, attn.proj_lif, tok.layout, b.seg)
+
+
+ATTENTION_LOWERINGS = {SSA: lower_ssa, SDSA: lower_sdsa, A2OS2A: lower_a2os2a}
+# leaf module types the lowering understands (anything else in the model is an op with no NIR lowering)
+_KNOWN_LEAVES = ("Conv2d", "BatchNorm2d", "BatchNorm1d", "Linear", "LIF", "TernaryLIF", "ReLUNeuron", "MaxPool2d",
+                 "MatMul", "Hadamard", "TokenSum")
+
+
+def _check_ops(model) -> None:
+    for name, m in model.named_modules():
+        if len(list(m.children())) == 0 and type(m).__name__ not in _KNOWN_LEAVES:
+            raise UnsupportedOpError(f"op {type(m).__name__} at {name!r} has no NIR lowering")
+        if name.endswith(".attn") and type(m) not in ATTENTION_LOWERINGS:
+            raise UnsupportedOpError(f"attention {type(m).__name__} at {name!r} has no NIR lowering")
+
+
+def _lower_mlp(b, mlp, pre, R, D, tok):
+    c1 = b.token_linear(f"{pre}.fc1", R, mlp.fc1, tok)
+    h = mlp.fc1.linear.out_features
+    s1 = b.neuron(f"{pre}.fc1_lif", [c1], tok.shape(h), mlp.fc1_lif, tok.layout, b.seg)
+    c2 = b.token_linear(f"{pre}.fc2", [s1], mlp.fc2, tok)
+    return b.neuron(f"{pre}.fc2_lif", [c2], tok.shape(D), mlp.fc2_lif, tok.layout, b.seg)
+
+
+def _lower_block(b, blk, i, R, D, tok):
+    pre = f"blocks.{i}"
+    a = ATTENTION_LOWERINGS[type(blk.attn)](b, blk.attn, f"{pre}.attn", R, D, tok)
+    R = [*R, a]
+    m = _lower_mlp(b, blk.mlp, f"{pre}.mlp", R, D, tok)
+    return [*R, m], a, m
+
+
+def _selection(cur: np.ndarray, keep_pos: np.ndarray) -> np.ndarray:
+    """(len(keep_pos), len(cur)) 0/1 matrix picking positions keep_pos out of the current positions cur."""
+    idx = {int(p): j for j, p in enumerate(cur)}
+    mat = np.zeros((len(keep_pos), len(cur)))
+    for a, p in enumerate(keep_pos):
+        mat[a, idx[int(p)]] = 1.0
+    return mat
+
+
+def build_graph(model, masks: TokenMasks | None, run_dir: str | None = None):
+    """Lower ``model`` (+ static masks) to (nir.NIRGraph, description dict)."""
+    import nir
+
+    from stata_deploy.model import SpikingTransformer
+
+    if not isinstance(model, SpikingTransformer):
+        raise StataError(f"not a stata-deploy model ({type(model).__name__}); export a run folder written by "
+                         "`stata-deploy train`")
+    cfg = model.cfg
+    model.eval()
+    _check_ops(model)
+    if masks is not None:
+        masks.check_model(cfg)
+    elif cfg.prune.active:
+        raise UnsupportedOpError(
+            f"dynamic top-k token selection (prune={cfg.prune.method}, keep={cfg.prune.keep}) has no NIR lowering: "
+            "NIR needs a fixed topology; run `stata-deploy calibrate RUN` to freeze static masks and export with them")
+    b = _Builder(cfg.T)
+    srcs, D, g = _lower_stem(b, model)
+    grid = masks is None and model.anchor is None
+    if grid:
+        R, n = srcs, g * g  # tokens stay on the stem's (D, g, g) map: every node is a plain Conv2d / LIF
+    else:
+        R, n = _lower_tokens(b, srcs, D, g, model)
+    cur = np.arange(n)  # positions (in the full sequence) of the current token row
+    n_fixed = 1 if cfg.anchor else 0
+    sites = sorted(masks.sites) if masks is not None else []
+    skip = masks is not None and masks.mode == "skip"
+    time_varying = False
+    for i, blk in enumerate(model.blocks):
+        if i in sites and skip:
+            m = masks.sites[i]
+            if (m != m[:1]).any():
+                raise UnsupportedOpError(f"skip-mode (tp) masks that differ across timesteps at block {i} have no "
+                                         "NIR lowering (the torch model keeps slot state, not token state)")
+            keep_pos = np.flatnonzero(m[0])
+            sel = b.token_affine(f"blocks.{i}.select", R, D, _selection(cur, keep_pos), tokens=b.seg)
+            k = len(keep_pos)
+            _, a, mm = _lower_block(b, blk, i, [sel], D, Tok(k))
+            place = b.token_affine(f"blocks.{i}.place", [a, mm], D, _selection(cur, keep_pos).T, tokens=b.seg)
+            R = [*R, place]
+            sid = f"site{i}"
+            b.segments[sid] = dict(site=i, positions=keep_pos.tolist(), schedule=m[:, keep_pos].astype(int).tolist())
+            b.sites[str(i)] = sid
+            continue
+        if i in sites:
+            m = masks.sites[i]  # (T, n_full)
+            union = np.flatnonzero(m.any(0))
+            sid = f"site{i}"
+            sched = m[:, union]
+            time_varying |= bool((sched != sched[:1]).any())
+            b.segments[sid] = dict(site=i, positions=union.tolist(), schedule=sched.astype(int).tolist())
+            b.sites[str(i)] = sid
+            b.seg = sid
+            R = [b.token_affine(f"blocks.{i}.select", R, D, _selection(cur, union), tokens=sid)]
+            cur = union
+            n = len(cur)
+        R, _, _ = _lower_block(b, blk, i, R, D, Tok(n, g if grid else None))
+    # head: mean over image tokens kept per timestep + Linear, one Conv2d (classes, D, 1, n)
+    k_img = (masks.final_mask()[0].sum() if (masks is not None and not skip) else cfg.num_tokens) - n_fixed
+    W = _f64(model.head.weight)  # (classes, D)
+    if grid:  # one Conv2d (classes, D, g, g): mean over the map + Linear
+        w = np.broadcast_to(W[:, :, None, None] / float(k_img), (W.shape[0], D, g, g))
+        b.conv("head", R, (g, g), w, _f64(model.head.bias))
+    else:  # Affine over the token axis (mean over kept image tokens), then a 1x1 Conv2d
+        mean = np.zeros((1, n))
+        mean[0, np.flatnonzero(cur >= n_fixed)] = 1.0 / float(k_img)
+        mt = b.token_affine("head.mean", R, D, mean)
+        b.conv("head", [mt], (1, 1), W[:, :, None, None], _f64(model.head.bias))
+    b.add("logits", nir.Output(output_type={"output": np.array([W.shape[0], 1, 1])}), ["head"])
+    desc = _describe(b, model, masks, run_dir, time_varying, skip)
+    graph = nir.NIRGraph(nodes=b.nodes, edges=b.edges, metadata={"stata_deploy": json.dumps(desc)})
+    return graph, desc
+
+
+def _describe(b, model, masks, run_dir, time_varying, skip) -> dict:
+    cfg = model.cfg
+    if b.host_ops:
+        computes = ("the graph is NOT runnable without the host operations listed in 'host_ops': Q, K, V leave through "
+                    "output ports and the attention result enters through input ports ('*.host.result'); a reader "
+                    "that ignores metadata has no value for those inputs, so it cannot compute the model (use "
+                    "--split for the standard segments between host operations)")
+    else:
+        computes = "the graph is a complete standard NIR network (no host operations)"
+    if masks is None:
+        mstate = "no token masks: every token is computed at every timestep"
+        exact = not b.host_ops
+    elif skip or not time_varying:
+        mstate = ("the static token masks are fully structural (the same tokens at every timestep): a reader that "
+                  "ignores metadata computes exactly the masked model")
+        exact = not b.host_ops
+    else:
+        mstate = ("tokens never kept at any timestep are removed from the graph, but the per-timestep schedule "
+                  "('token_segments') is in metadata only: a reader that ignores metadata computes every remaining "
+                  "token at every timestep (tokens kept only at some timesteps are also computed at the others, and the "
+                  "head divides by the per-timestep kept count), so its spikes and logits differ from the masked model")
+        exact = False
+    return {
+        "format": "stata-deploy-nir",
+        "version": FORMAT_VERSION,
+        "run_dir": str(run_dir) if run_dir is not None else None,
+        "config": cfg.to_dict(),
+        "masks": masks.to_json() if masks is not None else None,
+        "T": cfg.T,
+        "dt": NIR_DT,
+        "input": "input",
+        "logits": "logits",
+        "encoding": "direct: the same image (C, H, W) is presented at every one of the T timesteps",
+        "readout": "logits = mean over the T timesteps of output port 'logits' (classes, 1, 1)",
+        "timing": "zero delay: every node is evaluated once per timestep in topological order",
+        "neuron": "nir.LIF under forward Euler with step dt; spike at v >= v_threshold (ties: >=), hard reset",
+        "layout": "token part: (D, 1, n) rows, token axis last; Affine acts on the last axis (batched leading axes)",
+        "host_ops": b.host_ops,
+        "token_segments": b.segments,
+        "sites": b.sites,
+        "standard_reader_computes": computes + "; " + mstate,
+        "exact_without_metadata": bool(exact),
+        "not_standard": [f"{h['name']} ({h['kind']})" for h in b.host_ops]
+        + (["per-timestep token schedule (token_segments)"] if (masks is not None and time_varying) else []),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ split
+def split_graph(graph, desc: dict) -> list[tuple]:
+    """The standard segments between host operations, each a runnable nir.NIRGraph with its own ports.
+
+    Segment j holds the nodes after j host-op boundaries. An edge from segment i to a later segment j becomes an
+    Output port ``seg_out.<node>`` in i and an Input port ``seg_in.<node>`` in j."""
+    import nir
+
+    host_outs = {h["output"]: h for h in desc["host_ops"]}
+    level: dict[str, int] = {}
+    preds: dict[str, list] = {n: [] for n in graph.nodes}
+    for s, d in graph.edges:
+        preds[d].append(s)
+    order = _topo(graph.nodes, preds, host_outs)
+    for name in order:
+        if name in host_outs:
+            level[name] = 1 + max(level[p] for p in host_outs[name]["inputs"])
+        else:
+            level[name] = max([level[p] for p in preds[name]], default=0)
+    nseg = max(level.values()) + 1
+    segs = []
+    for j in range(nseg):
+        nodes, edges, ports_in, ports_out = {}, [], [], []
+        for name in order:
+            if level[name] != j:
+                continue
+            node = graph.nodes[name]
+            nodes[name] = node
+        for s, d in graph.edges:
+            if level[d] == j and level[s] == j:
+                edges.append((s, d))
+            elif level[d] == j and level[s] < j:
+                pin = f"seg_in.{s}"
+                if pin not in nodes:
+                    nodes[pin] = nir.Input(input_type={"input": np.array(graph.nodes[s].output_type["output"])},
+                                           metadata={"role": "seg_in"})
+                    ports_in.append(pin)
+                edges.append((pin, d))
+            elif level[s] == j and level[d] > j:
+                pout = f"seg_out.{s}"
+                if pout not in nodes:
+                    nodes[pout] = nir.Output(output_type={"output": np.array(graph.nodes[s].output_type["output"])},
+                                             metadata={"role": "seg_out"})
+                    ports_out.append(pout)
+                    edges.append((s, pout))
+        sdesc = {k: v for k, v in desc.items() if k not in ("host_ops",)}
+        tv = any((np.asarray(v["schedule"]) != np.asarray(v["schedule"])[:1]).any()
+                 for sid, v in desc["token_segments"].items()
+                 if any(str((n.metadata or {}).get("tokens", "")) == sid for n in nodes.values()))
+        host_in = [n for n in nodes if n in host_outs]
+        sdesc.update(segment=j, segments=nseg, segment_inputs=ports_in + host_in, segment_outputs=ports_out,
+                     host_ops=[], split_host_ops=desc["host_ops"], exact_without_metadata=not tv,
+                     not_standard=["per-timestep token schedule (token_segments)"] if tv else [],
+                     input="input" if "input" in nodes else None, logits="logits" if "logits" in nodes else None,
+                     standard_reader_computes=f"segment {j} of {nseg}: a complete standard NIR graph; feed its inputs "
+                     f"{(ports_in + host_in) or ['input']} (seg_in.X = output seg_out.X of an earlier segment, host results from "
+                     "the host operations in split_host_ops)")
+        segs.append((nir.NIRGraph(nodes=nodes, edges=edges, metadata={"stata_deploy": json.dumps(sdesc)}), sdesc))
+    return segs
+
+
+def _topo(nodes, preds, host_outs):
+    order, seen = [], set()
+
+    def visit(n):
+        if n in seen:
+            return
+        seen.add(n)
+        for p in preds[n]:
+            visit(p)
+        if n in host_outs:
+            for p in host_outs[n]["inputs"]:
+                visit(p)
+        order.append(n)
+
+    for n in nodes:
+        visit(n)
+    return order
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def write_nir_atomic(graph, path: Path) -> None:
+    """nir.write to a temp file in the same folder, then rename: no partial .nir is ever left behind."""
+    import nir
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StataError(f"cannot create folder {path.parent}: {e.strerror or e}") from None
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        nir.write(tmp, graph)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise StataError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def summarize(graph) -> dict:
+    """Node counts, neurons (LIF state elements) and synapses (nonzero weights) of a nir.NIRGraph."""
+    import nir
+
+    counts: dict[str, int] = {}
+    neurons = synapses = gates = 0
+    for name, node in graph.nodes.items():
+        t = type(node).__name__
+        counts[t] = counts.get(t, 0) + 1
+        md = getattr(node, "metadata", {}) or {}
+        if isinstance(node, nir.LIF):
+            if str(md.get("role", "")) in ("gate", "b'gate'") or (isinstance(md.get("role"), bytes) and md["role"] == b"gate"):
+                gates += int(np.prod(node.tau.shape))
+            else:
+                neurons += int(np.prod(node.tau.shape))
+        elif isinstance(node, (nir.Affine, nir.Linear)):
+            synapses += int(np.count_nonzero(node.weight))
+        elif isinstance(node, nir.Conv2d):
+            # synapses = nonzero weights x output positions they are applied at
+            ho, wo = (int(v) for v in np.asarray(node.output_type["output"])[1:])
+            synapses += int(np.count_nonzero(node.weight)) * ho * wo
+    return {"nodes": counts, "neurons": neurons, "gate_neurons": gates, "synapses": synapses}
+
+
+class NirExporter(Exporter):
+    name = "nir"
+    suffix = ".nir"
+
+    def export(self, model, masks: TokenMasks | None, out: Path, **options) -> dict:
+        out = Path(out)
+        graph, desc = build_graph(model, masks, options.get("run_dir"))
+        write_nir_atomic(graph, out)
+        files = [str(out)]
+        if options.get("split"):
+            for j, (sg, _) in enumerate(split_graph(graph, desc)):
+                p = out.with_name(f"{out.stem}.seg{j}{out.suffix}")
+                write_nir_atomic(sg, p)
+                files.append(str(p))
+        summ = summarize(graph)
+        notes = [desc["standard_reader_computes"]]
+        return {
+            "path": str(out),
+            "files": files,
+            "format": "NIR 1.0 (standard node types only)",
+            "host_ops": [h["name"] for h in desc["host_ops"]],
+            "exact_without_metadata": desc["exact_without_metadata"],
+            "masks": None if masks is None else {"mode": masks.mode, "sites": {str(s): masks.kept(s) for s in masks.sites}},
+            **summ,
+            "notes": notes,
+        }

@@ -1,0 +1,637 @@
+"""Our NIR reader: a ``.nir`` file -> a small executable graph IR -> a numpy executor over T timesteps.
+
+Used by the ``nir`` runtime (round trip torch -> .nir -> numpy) and by the Lava runtime (which maps the same IR
+onto Lava processes). numpy only (no torch): Lava process models must not call torch.
+
+The IR (``read_graph(path) -> Graph``)
+---------------------------------------
+``Graph.ops`` is an ordered dict (topological order) of ``Op``: one per NIR node, with a small op set:
+
+===========  =====================================================================================================
+kind         per-sample semantics (no batch axis in ``shape``; the executor adds a leading batch axis B)
+===========  =====================================================================================================
+input        a graph input port. ``name == graph.input`` is the image (C, H, W); any other input is fed by a
+             host op (``role == "host_result"``) or, in a ``--split`` segment file, by the previous segment
+output       a graph output port: the sum of its inputs (``graph.logits`` is the (C, 1, 1) logit port; others feed
+             host ops or, in a segment file, the next segment)
+affine       y = W @ x + b over the LAST axis. ``W`` (..., out, in): leading axes are per-position batch axes
+             (NIR's own rule: input_type = W.shape[:-2] + (in,)); b broadcasts to the output shape
+conv2d       torch.nn.functional.conv2d semantics (cross-correlation), params weight (Co, Ci/groups, kh, kw), bias
+             (Co,), stride, padding, dilation (2-tuples), groups. Input (Ci, H, W) -> (Co, H', W')
+sumpool2d    sum over kernel windows, zero padding: params kernel, stride, padding (2-tuples)
+flatten      reshape: dims start_dim..end_dim (per-sample indexing) merged
+lif          NIR LIF, forward Euler with step dt:  H = V + (r*X - (V - v_leak)) / (tau/dt);
+             S = H >= v_threshold (SpikingJelly tie rule, ours); V = v_reset where S else H. Params are float64
+             arrays of the op's shape: tau, r, v_leak, v_reset, v_threshold; ``tau_steps`` = tau/dt.
+             tau == dt makes it memoryless (H = v_leak + r*X): the exporter uses that as a threshold GATE
+             (``role == "gate"``: the AND of two binary spike trains is gate(a + b) with threshold 1.5)
+===========  =====================================================================================================
+
+Every op's input is the SUM of the outputs of ``op.inputs`` at the same timestep (NIR: several edges into one node
+are summed). Timing: zero-delay. At each timestep t every op runs once, in ``Graph.ops`` order; host ops run as
+soon as all their input ports have a value at t. There is no synaptic delay (a backend with one step of delay per
+synapse, e.g. Lava's Dense, must delay-match residual branches and run T + depth steps).
+
+``Graph.host_ops`` (list of ``HostOp``): operations NIR cannot express (a product of two activations, ReLU, the
+ternary neuron). Each reads output ports ``HostOp.inputs`` and writes the input port ``HostOp.output``:
+  - ``ssa_product``:   inputs (q, k, v) binary spikes (D, 1, n); per head h (channels h*dh..(h+1)*dh):
+                       Y_h = (Q_h K_h^T) V_h * scale with Q_h = q[h-channels, 0, :].T (n, dh); output (D, 1, n).
+  - ``a2os2a_product``: inputs (q spikes, k pre-activation, v pre-activation); K = relu(k); V = ternary LIF(v)
+                       (state per token; fires +1 at H >= v_th, -1 at H <= -v_th, hard reset, tau_steps from
+                       ``attrs``); Y_h = Q_h (K_h^T V_h); records K and V under ``HostOp.records``.
+
+Token layout and masks: the transformer part of the graph carries tokens on the last axis, (D, 1, n). An op with
+``op.tokens = sid`` belongs to token segment ``Graph.segments[sid]`` (a ``TokenSegment``: the positions of its n
+tokens in the full sequence, anchor at 0, and the static schedule (T, n) of which of them are kept at each
+timestep). Tokens never kept at any timestep are absent from the graph (structural removal). At timestep t the
+executor multiplies such an op's output by ``schedule[t]`` along the last axis, and a LIF / ternary neuron of a
+masked token receives zero input, so its membrane decays (V <- v_reset + (V - v_reset)(1 - 1/tau_steps)) and it
+cannot spike: exactly the token-state contract of ``stata_deploy.neurons``.
+
+Recording: ops (and host ops) carrying ``layer`` (the torch module name, e.g. ``blocks.0.attn.q_lif``) are
+recorded into ``RunResult.spikes`` in the torch slot layout: ``layout == "grid"``: (T, B, C, H, W);
+``"tokens"``: (T, B, k, D) with the kept tokens at each timestep in ascending position order;
+``"grid_tokens"``: a (D, g, g) token map -> (T, B, g*g, D); ``"single"``: (T, B, 1, D).
+
+Token layouts: a model without anchor and masks keeps its tokens on the stem's (D, g, g) map (token p = i*g + j,
+per-token Linear = 1x1 Conv2d, token sum / broadcast / head = Conv2d with (g, g) kernels): only Conv2d and LIF
+nodes, importable by snntorch. Otherwise tokens are a row (D, 1, n) (anchor, selections: Affine over the last
+axis).
+
+Public API: ``read_graph(path) -> Graph``; ``execute(graph, x) -> RunResult`` (x: (B, C, H, W) or
+(T, B, C, H, W)); ``simulate(graph, feeds) -> (outputs, records)`` for segment files with several input ports.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from stata_deploy.errors import StataError, UnsupportedOpError
+from stata_deploy.results import RunResult
+
+META_KEY = "stata_deploy"  # graph metadata key holding our JSON description
+OP_KINDS = ("input", "output", "affine", "conv2d", "sumpool2d", "flatten", "lif")
+HOST_KINDS = ("ssa_product", "a2os2a_product")
+
+
+class NirFormatError(StataError):
+    """The file is not a NIR graph we can execute (unreadable, unknown node type, missing description)."""
+
+
+@dataclass
+class Op:
+    name: str  # NIR node key
+    kind: str  # one of OP_KINDS
+    inputs: list[str]  # predecessor op names; their outputs are summed
+    shape: tuple  # per-sample output shape
+    params: dict = field(default_factory=dict)  # arrays (float64) and conv/pool geometry (tuples of int)
+    layer: str | None = None  # torch module name to record under (neurons only)
+    layout: str | None = None  # "grid" | "tokens" | "single" (how ``layer`` is recorded)
+    tokens: str | None = None  # token segment id: last axis = that segment's tokens, masked per timestep
+    role: str | None = None  # "gate", "host_port", "host_result", "seg_in", "seg_out", ...
+
+
+@dataclass
+class HostOp:
+    name: str
+    kind: str  # one of HOST_KINDS
+    inputs: list[str]  # output-port op names, in the documented order
+    output: str  # input-port op name receiving the result
+    attrs: dict = field(default_factory=dict)  # heads, scale, v_th, tau_steps, ...
+    tokens: str | None = None  # token segment of the ports
+    records: dict = field(default_factory=dict)  # role ("k", "v") -> torch layer name recorded
+
+
+@dataclass
+class TokenSegment:
+    sid: str
+    site: int | None  # pruning site (block index) that opened this segment; None: all tokens
+    positions: np.ndarray  # (n,) positions in the full token sequence
+    schedule: np.ndarray  # (T, n) bool: kept at timestep t
+
+
+@dataclass
+class Graph:
+    ops: dict[str, Op]
+    host_ops: list[HostOp]
+    segments: dict[str, TokenSegment]
+    T: int
+    dt: float
+    input: str | None  # the image input port
+    logits: str | None  # the logits output port
+    meta: dict  # the exporter's JSON description (config, masks, host ops, ...)
+    sites: dict = field(default_factory=dict)  # site -> segment id (for RunResult.kept)
+
+    @property
+    def config(self) -> dict:
+        return self.meta.get("config", {})
+
+
+# --------------------------------------------------------------------------------------------------- reading
+def _tup(v, n=2):
+    a = np.atleast_1d(np.asarray(v)).astype(int).tolist()
+    return tuple(a * n if len(a) == 1 else a)
+
+
+def _shape(types) -> tuple:
+    v = list(types.values())[0] if types else None
+    return tuple(int(s) for s in np.atleast_1d(v)) if v is not None else ()
+
+
+def _meta_str(md, key):
+    v = md.get(key) if md else None
+    if v is None:
+        return None
+    if isinstance(v, bytes):
+        v = v.decode()
+    if isinstance(v, np.ndarray):
+        v = v.item() if v.shape == () else v.tolist()
+    return str(v)
+
+
+def _lower_node(name: str, node, dt: float) -> Op:
+    import nir
+
+    md = dict(getattr(node, "metadata", {}) or {})
+    common = dict(layer=_meta_str(md, "layer"), layout=_meta_str(md, "layout"), tokens=_meta_str(md, "tokens"),
+                  role=_meta_str(md, "role"))
+    f64 = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731
+    if isinstance(node, nir.Input):
+        return Op(name, "input", [], _shape(node.input_type), **common)
+    if isinstance(node, nir.Output):
+        return Op(name, "output", [], _shape(node.output_type), **common)
+    if isinstance(node, nir.Affine):
+        return Op(name, "affine", [], _shape(node.output_type), dict(weight=f64(node.weight), bias=f64(node.bias)),
+                  **common)
+    if isinstance(node, nir.Linear):
+        w = f64(node.weight)
+        return Op(name, "affine", [], _shape(node.output_type), dict(weight=w, bias=np.zeros(w.shape[:-1])),
+                  **common)
+    if isinstance(node, nir.Conv2d):
+        if isinstance(node.padding, str):
+            raise UnsupportedOpError(f"Conv2d {name!r}: string padding {node.padding!r} is not supported by this reader")
+        return Op(name, "conv2d", [], _shape(node.output_type), dict(
+            weight=f64(node.weight), bias=f64(node.bias), stride=_tup(node.stride), padding=_tup(node.padding),
+            dilation=_tup(node.dilation), groups=int(node.groups)), **common)
+    if isinstance(node, nir.SumPool2d):
+        return Op(name, "sumpool2d", [], _shape(node.output_type), dict(
+            kernel=_tup(node.kernel_size), stride=_tup(node.stride), padding=_tup(node.padding)), **common)
+    if isinstance(node, nir.Flatten):
+        return Op(name, "flatten", [], _shape(node.output_type), dict(
+            start_dim=int(node.start_dim), end_dim=int(node.end_dim), in_shape=_shape(node.input_type)), **common)
+    if isinstance(node, nir.LIF):
+        tau = f64(node.tau)
+        q = tau / dt
+        q = np.where(np.isclose(q, np.round(q), rtol=1e-9, atol=0), np.round(q), q)
+        return Op(name, "lif", [], tuple(tau.shape), dict(
+            tau=tau, tau_steps=q, r=f64(node.r), v_leak=f64(node.v_leak), v_reset=f64(node.v_reset),
+            v_threshold=f64(node.v_threshold)), **common)
+    raise UnsupportedOpError(f"NIR node {name!r} of type {type(node).__name__} is not executable by this reader "
+                             f"(supported: Input, Output, Affine, Linear, Conv2d, SumPool2d, Flatten, LIF)")
+
+
+def read_description(graph) -> dict:
+    """The exporter's JSON description from a nir.NIRGraph's metadata ({} when absent)."""
+    md = getattr(graph, "metadata", None) or {}
+    raw = md.get(META_KEY)
+    if raw is None:
+        return {}
+    if isinstance(raw, bytes):
+        raw = raw.decode()
+    if isinstance(raw, np.ndarray):
+        raw = raw.item()
+    try:
+        return json.loads(raw)
+    except (TypeError, json.JSONDecodeError) as e:
+        raise NirFormatError(f"graph metadata {META_KEY!r} is not valid JSON ({e})") from None
+
+
+def load_nir(path: str | Path):
+    """nir.read with our errors."""
+    import nir
+
+    p = Path(path)
+    if not p.is_file():
+        raise NirFormatError(f"NIR file not found: {p}")
+    try:
+        return nir.read(str(p))
+    except Exception as e:  # h5py/nir raise many kinds
+        raise NirFormatError(f"{p} is not a readable NIR 1.0 file ({type(e).__name__}: {e})") from None
+
+
+def from_nir(g, dt: float | None = None) -> Graph:
+    """Build the IR from an in-memory nir.NIRGraph."""
+    import nir
+
+    desc = read_description(g)
+    supported = (nir.Input, nir.Output, nir.Affine, nir.Linear, nir.Conv2d, nir.SumPool2d, nir.Flatten, nir.LIF)
+    for name, node in g.nodes.items():  # name an unsupported node before anything else goes wrong
+        if isinstance(node, nir.NIRGraph):
+            raise UnsupportedOpError(f"nested NIR subgraph {name!r} is not supported by this reader")
+        if not isinstance(node, supported):
+            raise UnsupportedOpError(f"NIR node {name!r} of type {type(node).__name__} is not executable by this "
+                                     "reader (supported: Input, Output, Affine, Linear, Conv2d, SumPool2d, Flatten, LIF)")
+    if dt is None and "dt" not in desc:
+        raise NirFormatError("this NIR file is not one exported by stata-deploy (no 'stata_deploy' description in its "
+                             "metadata), so its Euler step dt is unknown; export it with `stata-deploy export --to nir`"
+                             " (Python API: pass dt=)")
+    dt = float(dt if dt is not None else desc["dt"])
+    ops: dict[str, Op] = {}
+    for name, node in g.nodes.items():
+        ops[name] = _lower_node(name, node, dt)
+    for src, dst in g.edges:
+        ops[dst].inputs.append(src)
+    host_ops = [HostOp(h["name"], h["kind"], list(h["inputs"]), h["output"], dict(h.get("attrs", {})),
+                       h.get("tokens"), dict(h.get("records", {}))) for h in desc.get("host_ops", [])]
+    for h in host_ops:
+        if h.kind not in HOST_KINDS:
+            raise UnsupportedOpError(f"host operation {h.name!r} of kind {h.kind!r} is unknown to this reader")
+        for p in [*h.inputs, h.output]:
+            if p not in ops:
+                raise NirFormatError(f"host operation {h.name!r} names port {p!r}, which is not in the graph")
+    T = int(desc.get("T", desc.get("config", {}).get("T", 1)))
+    segments = {}
+    for sid, s in desc.get("token_segments", {}).items():
+        sched = np.asarray(s["schedule"], dtype=bool)
+        segments[sid] = TokenSegment(sid, s.get("site"), np.asarray(s["positions"], dtype=np.int64), sched)
+    order = _toposort(ops, host_ops)
+    ops = {n: ops[n] for n in order}
+    graph = Graph(ops, host_ops, segments, T, dt, desc.get("input"), desc.get("logits"), desc,
+                  {int(k): v for k, v in desc.get("sites", {}).items()})
+    if graph.input is None:
+        ins = [o.name for o in ops.values() if o.kind == "input" and o.role is None]
+        graph.input = ins[0] if len(ins) == 1 else None
+    return graph
+
+
+def read_graph(path: str | Path, dt: float | None = None) -> Graph:
+    """Read a .nir file into the executable IR (see module doc)."""
+    return from_nir(load_nir(path), dt)
+
+
+def _toposort(ops: dict[str, Op], host_ops: list[HostOp]) -> list[str]:
+    deps = {n: set(o.inputs) for n, o in ops.items()}
+    for h in host_ops:
+        deps[h.output] |= set(h.inputs)  # the result port waits for the host op's inputs
+    order, seen, temp = [], set(), set()
+
+    def visit(n):
+        if n in seen:
+            return
+        if n in temp:
+            raise NirFormatError(f"the graph has a cycle through {n!r}; this reader executes acyclic graphs only")
+        temp.add(n)
+        for d in sorted(deps[n]):
+            visit(d)
+        temp.discard(n)
+        seen.add(n)
+        order.append(n)
+
+    import sys
+
+    sys.setrecursionlimit(max(10000, sys.getrecursionlimit()))
+    for n in ops:
+        visit(n)
+    return order
+
+
+# ------------------------------------------------------------------------------------------------- numerics
+def conv2d(x: np.ndarray, w: np.ndarray, b, stride, padding, dilation, groups) -> np.ndarray:
+    """x (B, Ci, H, W) -> (B, Co, H', W'), cross-correlation like torch.nn.functional.conv2d."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    B, Ci, H, W = x.shape
+    Co, cig, kh, kw = w.shape
+    (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation
+    xp = np.pad(np.asarray(x, dtype=np.float64), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    win = sliding_window_view(xp, (eh, ew), axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]  # (B, Ci, Ho, Wo, kh, kw)
+    if groups == 1:
+        out = np.tensordot(win, w, axes=([1, 4, 5], [1, 2, 3])).transpose(0, 3, 1, 2)  # (B, Co, Ho, Wo)
+    else:
+        cog = Co // groups
+        out = np.concatenate([
+            np.tensordot(win[:, gi * cig:(gi + 1) * cig], w[gi * cog:(gi + 1) * cog], axes=([1, 4, 5], [1, 2, 3]))
+            for gi in range(groups)], axis=-1).transpose(0, 3, 1, 2)
+    out = np.ascontiguousarray(out)
+    if b is not None:
+        out += np.asarray(b).reshape(1, Co, 1, 1)
+    return out
+
+
+def sumpool2d(x: np.ndarray, kernel, stride, padding) -> np.ndarray:
+    B, C, H, W = x.shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    Ho = (H + 2 * ph - kh) // sh + 1
+    Wo = (W + 2 * pw - kw) // sw + 1
+    xp = np.zeros((B, C, H + 2 * ph, W + 2 * pw))
+    xp[:, :, ph:ph + H, pw:pw + W] = x
+    out = np.zeros((B, C, Ho, Wo))
+    for i in range(kh):
+        for j in range(kw):
+            out += xp[:, :, i:i + sh * (Ho - 1) + 1:sh, j:j + sw * (Wo - 1) + 1:sw]
+    return out
+
+
+def _fire(h, v_th, ternary=False, strict=False):
+    """Spike where h >= v_th (our tie rule, SpikingJelly's); ``strict``: h > v_th (snntorch's / norse's)."""
+    s = ((h > v_th) if strict else (h >= v_th)).astype(np.float64)
+    if ternary:
+        s = s - ((h < -v_th) if strict else (h <= -v_th)).astype(np.float64)
+    return s
+
+
+def _heads(a: np.ndarray, heads: int) -> np.ndarray:
+    """(B, D, h, w) token map/row (tokens = flattened h, w) -> (B, H, n, dh)."""
+    B, D = a.shape[:2]
+    return a.reshape(B, heads, D // heads, -1).transpose(0, 1, 3, 2)
+
+
+def _unheads(y: np.ndarray, shape) -> np.ndarray:
+    """(B, H, n, dh) -> (B, *shape)."""
+    B, H, n, dh = y.shape
+    return y.transpose(0, 1, 3, 2).reshape(B, *shape)
+
+
+# ------------------------------------------------------------------------------------------------ execution
+class _State:
+    def __init__(self, strict: bool = False):
+        self.v: dict[str, np.ndarray] = {}
+        self.strict = strict
+
+
+def _run_host(h: HostOp, vals: dict, st: _State, mask, records: dict, t: int):
+    ins = [vals[p] for p in h.inputs]
+    heads = int(h.attrs.get("heads", 1))
+    if h.kind == "ssa_product":
+        q, k, v = (_heads(a, heads) for a in ins)
+        y = (q @ k.transpose(0, 1, 3, 2)) @ v * float(h.attrs.get("scale", 1.0))
+    elif h.kind == "a2os2a_product":
+        q, kpre, vpre = ins
+        kk = np.maximum(kpre, 0.0)
+        if mask is not None:
+            kk = kk * mask
+            vpre = vpre * mask  # a masked token's ternary neuron gets no input
+        tau = float(h.attrs.get("tau_steps", 2.0))
+        vth = float(h.attrs.get("v_th", 1.0))
+        vr = float(h.attrs.get("v_reset", 0.0))
+        V = st.v.get(h.name + ".v")
+        if V is None:
+            V = np.full_like(vpre, vr)
+        H = V + (vpre - (V - vr)) / tau
+        vs = _fire(H, vth, ternary=True, strict=st.strict)
+        st.v[h.name + ".v"] = np.where(vs != 0, vr, H)
+        if mask is not None:
+            vs = vs * mask
+        for role, arr in (("k", kk), ("v", vs)):
+            if role in h.records:
+                records.setdefault(h.records[role], [None] * 0).append(arr)
+        y = _heads(q, heads) @ (_heads(kk, heads).transpose(0, 1, 3, 2) @ _heads(vs, heads))
+    else:  # pragma: no cover - checked in from_nir
+        raise UnsupportedOpError(f"host op kind {h.kind!r}")
+    y = _unheads(y, ins[0].shape[1:])
+    if mask is not None:
+        y = y * mask
+    return y
+
+
+def simulate(graph: Graph, feeds: dict[str, np.ndarray], record: bool = True, strict_ties: bool = False):
+    """Run the graph over T timesteps. feeds: input-port name -> (T, B, *shape). Returns (outputs, records):
+    outputs: output-port name -> (T, B, *shape); records: op/host-record name -> list over t of (B, *shape).
+    ``strict_ties``: spike at v > v_threshold instead of >= (to reproduce snntorch/norse exactly)."""
+    T = graph.T
+    first = next(iter(feeds.values()))
+    B = first.shape[1]
+    host_by_out = {h.output: h for h in graph.host_ops}
+    for name, op in graph.ops.items():
+        if op.kind == "input" and name not in host_by_out and name not in feeds:
+            raise StataError(f"no value fed to input port {name!r} (a host-operation result or a segment input)")
+    st = _State(strict_ties)
+    outputs: dict[str, list] = {}
+    records: dict[str, list] = {}
+    masks_t = {}
+    for t in range(T):
+        masks_t = {sid: s.schedule[t].astype(np.float64) for sid, s in graph.segments.items()}
+        vals: dict[str, np.ndarray] = {}
+        for name, op in graph.ops.items():
+            m = masks_t.get(op.tokens) if op.tokens else None
+            if op.kind == "input":
+                if name in host_by_out:
+                    h = host_by_out[name]
+                    hm = masks_t.get(h.tokens) if h.tokens else None
+                    y = _run_host(h, vals, st, hm, records, t)
+                else:
+                    y = np.asarray(feeds[name][t], dtype=np.float64)
+            else:
+                if op.inputs:
+                    x = vals[op.inputs[0]]
+                    for s in op.inputs[1:]:
+                        x = x + vals[s]
+                else:
+                    x = np.zeros((B, *op.shape))
+                y = _apply(op, x, st, m)
+            if m is not None:
+                y = y * m
+            vals[name] = y
+            if op.kind == "output":
+                outputs.setdefault(name, []).append(y)
+            if record and op.layer:
+                records.setdefault(name, []).append(y)
+    outs = {k: np.stack(v) for k, v in outputs.items()}
+    return outs, records
+
+
+def _apply(op: Op, x: np.ndarray, st: _State, mask) -> np.ndarray:
+    p = op.params
+    k = op.kind
+    if k == "output":
+        return x
+    if k == "affine":
+        W = p["weight"]
+        y = np.einsum("...oi,b...i->b...o", W, x, optimize=True)
+        return y + p["bias"]
+    if k == "conv2d":
+        return conv2d(x, p["weight"], p["bias"], p["stride"], p["padding"], p["dilation"], p["groups"])
+    if k == "sumpool2d":
+        return sumpool2d(x, p["kernel"], p["stride"], p["padding"])
+    if k == "flatten":
+        B = x.shape[0]
+        return x.reshape(B, *op.shape)
+    if k == "lif":
+        if mask is not None:
+            x = x * mask  # a masked token receives no input: its membrane decays
+        V = st.v.get(op.name)
+        if V is None:
+            V = np.broadcast_to(p["v_reset"], x.shape).astype(np.float64)
+        H = V + (p["r"] * x - (V - p["v_leak"])) / p["tau_steps"]
+        s = _fire(H, p["v_threshold"], strict=st.strict)
+        st.v[op.name] = np.where(s != 0, p["v_reset"], H)
+        return s
+    raise UnsupportedOpError(f"op {op.name!r} of kind {k!r} cannot be executed")
+
+
+def _to_torch_layout(graph: Graph, layout: str | None, tokens: str | None, arr: np.ndarray) -> np.ndarray:
+    """arr (T, B, *shape) -> the torch slot layout of RunResult.spikes."""
+    if layout == "single":  # (T, B, D, 1, 1) -> (T, B, 1, D)
+        T, B = arr.shape[:2]
+        return arr.reshape(T, B, -1)[:, :, None, :]
+    if layout == "grid_tokens":  # (T, B, D, g, g) -> (T, B, N, D)
+        T, B, D = arr.shape[:3]
+        return arr.reshape(T, B, D, -1).transpose(0, 1, 3, 2)
+    if layout == "tokens":  # (T, B, D, 1, n) -> (T, B, k, D) kept tokens at each t
+        a = arr[:, :, :, 0, :].transpose(0, 1, 3, 2)  # (T, B, n, D)
+        if tokens and tokens in graph.segments:
+            sched = graph.segments[tokens].schedule
+            return np.stack([a[t][:, sched[t]] for t in range(a.shape[0])])
+        return a
+    return arr
+
+
+def encode(x: np.ndarray, T: int) -> np.ndarray:
+    """Direct encoding: (B, C, H, W) repeated over T; (T, B, C, H, W) passes."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim == 4:
+        return np.broadcast_to(x, (T, *x.shape))
+    if x.ndim == 5:
+        return x
+    raise StataError(f"input must be (B, C, H, W) or (T, B, C, H, W), got shape {x.shape}")
+
+
+def execute(graph: Graph, x: np.ndarray, record: bool = True, strict_ties: bool = False) -> RunResult:
+    """Run a complete model graph (one image input port, host ops resolved) on x; torch-comparable RunResult."""
+    if graph.input is None or graph.logits is None:
+        raise StataError("this NIR file is not a complete stata-deploy model graph (a --split segment?); "
+                         "use simulate() with one array per input port")
+    xs = encode(x, graph.T)
+    if xs.shape[0] != graph.T:
+        raise StataError(f"input has {xs.shape[0]} timesteps, the model expects T={graph.T}")
+    want = graph.ops[graph.input].shape
+    if tuple(xs.shape[2:]) != tuple(want):
+        raise StataError(f"input samples have shape {tuple(xs.shape[2:])}, the model expects {tuple(want)}")
+    t0 = time.perf_counter()
+    outs, recs = simulate(graph, {graph.input: xs}, record, strict_ties)
+    seconds = time.perf_counter() - t0
+    logits_t = outs[graph.logits].reshape(graph.T, xs.shape[1], -1)
+    spikes = {}
+    if record:
+        for name, op in graph.ops.items():
+            if op.layer and name in recs:
+                spikes[op.layer] = _to_torch_layout(graph, op.layout, op.tokens, np.stack(recs[name]))
+        for h in graph.host_ops:
+            for role, layer in h.records.items():
+                if layer in recs:
+                    arr = np.stack(recs[layer])
+                    lay = "tokens" if arr.shape[3] == 1 else "grid_tokens"
+                    spikes[layer] = _to_torch_layout(graph, lay, h.tokens, arr)
+    kept = {}
+    B = xs.shape[1]
+    for site, sid in graph.sites.items():
+        seg = graph.segments[sid]
+        pos = np.stack([seg.positions[seg.schedule[t]] for t in range(graph.T)])  # (T, k)
+        kept[int(site)] = np.broadcast_to(pos[:, None, :], (graph.T, B, pos.shape[1])).copy()
+    return RunResult(logits_t.astype(np.float32), spikes, np.asarray(xs, dtype=np.float32), seconds, kept)
+
+
+# ------------------------------------------------------------------------------------------ checks / summary
+def verify_lossless(path: str | Path) -> list[str]:
+    """nir.read(f), nir.write to a temp file, nir.read again: returns the differences (empty list = lossless).
+    Compares node types, every field (arrays by dtype, shape and value), node metadata, edges, graph metadata."""
+    import os
+    import tempfile
+
+    import nir
+
+    g1 = load_nir(path)
+    fd, tmp = tempfile.mkstemp(suffix=".nir")
+    os.close(fd)
+    try:
+        nir.write(tmp, g1)
+        g2 = nir.read(tmp)
+    finally:
+        os.unlink(tmp)
+    diffs: list[str] = []
+
+    def same(a, b):
+        if isinstance(a, dict) and isinstance(b, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, (np.ndarray, np.generic)) or isinstance(b, (np.ndarray, np.generic)):
+            a2, b2 = np.asarray(a), np.asarray(b)
+            return a2.dtype == b2.dtype and a2.shape == b2.shape and np.array_equal(a2, b2)
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return a == b
+
+    if set(g1.nodes) != set(g2.nodes):
+        diffs.append(f"node names differ: {sorted(set(g1.nodes) ^ set(g2.nodes))}")
+    for name in set(g1.nodes) & set(g2.nodes):
+        a, b = g1.nodes[name], g2.nodes[name]
+        if type(a) is not type(b):
+            diffs.append(f"{name}: type {type(a).__name__} -> {type(b).__name__}")
+            continue
+        da, db = a.to_dict(), b.to_dict()
+        for k in set(da) | set(db):
+            if not same(da.get(k), db.get(k)):
+                diffs.append(f"{name}.{k} changed")
+    if sorted(map(tuple, g1.edges)) != sorted(map(tuple, g2.edges)):
+        diffs.append("edges differ")
+    if not same(dict(g1.metadata or {}), dict(g2.metadata or {})):
+        diffs.append("graph metadata differs")
+    return diffs
+
+
+def inspect_graph(graph: Graph) -> dict:
+    """Node counts, neurons, synapses, masks, ports, host ops and what is not standard."""
+    kinds: dict[str, int] = {}
+    neurons = gates = 0
+    synapses = 0
+    syn_role: dict[str, int] = {}
+    for op in graph.ops.values():
+        kinds[op.kind] = kinds.get(op.kind, 0) + 1
+        n_syn = 0
+        if op.kind == "lif":
+            if op.role == "gate":
+                gates += int(np.prod(op.shape))
+            else:
+                neurons += int(np.prod(op.shape))
+        elif op.kind == "affine":
+            n_syn = int(np.count_nonzero(op.params["weight"]))
+        elif op.kind == "conv2d":
+            n_syn = int(np.count_nonzero(op.params["weight"])) * int(np.prod(op.shape[1:]))
+        if n_syn:
+            synapses += n_syn
+            syn_role[op.role or "weights"] = syn_role.get(op.role or "weights", 0) + n_syn
+    host_neurons = 0
+    for h in graph.host_ops:
+        if h.kind == "a2os2a_product":
+            host_neurons += int(np.prod(graph.ops[h.inputs[2]].shape))  # the ternary V neurons
+    ports_in = [dict(name=o.name, shape=list(o.shape), role=o.role or "image") for o in graph.ops.values()
+                if o.kind == "input"]
+    ports_out = [dict(name=o.name, shape=list(o.shape), role=o.role or ("logits" if o.name == graph.logits else None))
+                 for o in graph.ops.values() if o.kind == "output"]
+    segs = {}
+    for sid, s in graph.segments.items():
+        segs[sid] = dict(site=s.site, tokens_in_graph=int(len(s.positions)), kept_per_timestep=s.schedule.sum(1).tolist(),
+                         time_varying=bool((s.schedule != s.schedule[:1]).any()))
+    masks = graph.meta.get("masks")
+    return {
+        "nodes": kinds,
+        "neurons": neurons,
+        "gate_neurons": gates,
+        "host_neurons": host_neurons,
+        "synapses": synapses,
+        "synapses_by_role": syn_role,
+        "inputs": ports_in,
+        "outputs": ports_out,
+        "host_ops": [dict(name=h.name, kind=h.kind, inputs=h.inputs, output=h.output) for h in graph.host_ops],
+        "masks": None if not masks else dict(mode=masks.get("mode"), n_full=masks.get("n_full"), T=masks.get("T"),
+                                            segments=segs),
+        "not_standard": graph.meta.get("not_standard", []),
+        "standard_reader_computes": graph.meta.get("standard_reader_computes"),
+        "exact_without_metadata": graph.meta.get("exact_without_metadata"),
+        "T": graph.T,
+        "dt": graph.dt,
+    }
