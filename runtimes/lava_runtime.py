@@ -1,0 +1,662 @@
+"""The Lava runtime: runs an exported model on Lava's CPU simulator (``Loihi2SimCfg``) with the torch spikes.
+
+    rt = LavaRuntime("runs/a/model.nir", precision="float", timeout=600, batch=32)
+    result = rt.run(x)          # RunResult: logits per timestep, every neuron layer's spikes (torch names/layout)
+    rt.close()                  # stops Lava; always called (also on failure / Ctrl-C / garbage collection)
+
+How the network is built
+    ``runtimes.nir_graph.read_graph`` reads the .nir file (our exporter's, with its description in metadata) into an
+    IR of ops; ``lower_graph`` maps each op through the table ``LOWER`` onto processes of ``runtimes.lava_procs``
+    (numpy-only process models): Affine / Conv2d / SumPool2d -> ``Synapse`` (BatchNorm is already folded; a 3x3 conv
+    or a pool is an unrolled sparse matrix, a 1x1 conv a per-token matmul, because Lava's ``Conv`` runs ~1 s/step in
+    Python), LIF -> ``Neuron`` (the SpikingJelly form that fires at H >= V_th: Lava's own LIF fires at v > vth and
+    would flip exact ties, which SSA's 0.125-scaled integer inputs hit all the time), Flatten / summed edges / port
+    masks -> ``Op1`` / ``Op2``, and the host operations NIR cannot express (SSA's (Q K^T) V, A2OS2A's ReLU K,
+    ternary V and Q (K^T V)) -> ``Op2`` matmuls and ``Neuron`` s. A Synapse whose only consumer is one Neuron is fused
+    with it (``SynapseNeuron``: same timing, fewer processes). An ``Injector`` streams the input and one
+    ``Extractor`` per neuron layer streams its spikes out (no ``Var.get``). Every port carries a batch of ``batch``
+    samples (parallel copies): one build serves every sample.
+
+Timing (explicit)
+    Like Lava's Dense, every Synapse delays by one step; all other processes are combinational. Each tensor has a
+    lag (synapses on its longest path); inputs of an op with different lags are delay-matched with ``Delay``
+    processes (e.g. residual branches: 2 steps for x + SSA(x), 2 for x + MLP(x)). Chunks of ``batch`` samples stream back
+    to back with period T (pipelined); a run of K chunks lasts (K + ceil(depth / T)) * T steps; each neuron resets at
+    its own model timestep 0; outputs are re-aligned by removing each layer's lag before comparing with torch.
+
+Token pruning
+    Tokens never kept are structurally absent from the graph; the per-timestep schedule (T, n) of each token segment
+    multiplies the outputs of that segment's ops and gates each neuron's input (a dropped token gets no input, so its
+    membrane decays and it stays silent: the documented semantics of ``stata_deploy.neurons``). Results are
+    converted to the torch slot layout (pruned tokens absent) before they are returned. Note: in a static-topology
+    simulation a token dropped at some timesteps is still computed (masked) at those timesteps.
+
+Precision
+    ``float``: float64 (as the reader's executor), neuron updates in the reader's / torch's operation order
+    (``dtype='float32'`` is available). Measured: zero spike mismatches against torch. ``fixed``: Loihi-like
+    quantisation: 8-bit signed weight mantissas with one power-of-two exponent per layer, biases on the same grid
+    (13-bit mantissa), the neuron state on that grid / tau (1/tau folded into the weights, as on Loihi), the decayed
+    state truncated to it every step (an integer shift) and the input added exactly; ``quantisation`` describes each
+    layer. The accuracy cost is measured against torch (benchmarks/lava_speed.py --parity).
+
+Process safety
+    The simulation runs in a child process (``runtimes.lava_worker``, numpy + lava only) in its own process group,
+    with a hard timeout. ``close`` asks it to stop Lava (3 s grace); on failure, timeout, Ctrl-C, garbage collection
+    or interpreter exit, and after every close, the whole group is killed and every shared-memory segment it logged
+    is unlinked.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from stata_deploy.errors import DataError, StataError, UnsupportedOpError
+from stata_deploy.neurons import TAU, V_RESET, V_TH
+from stata_deploy.results import RunResult
+from stata_deploy.runtime_api import Runtime
+
+from runtimes.nir_graph import NirFormatError
+
+PRECISIONS = ("float", "fixed")
+
+
+class LavaTimeout(StataError):
+    """The Lava simulation did not finish in time (its processes were killed)."""
+
+# ---------------------------------------------------------------------------------------- child process
+class _Worker:
+    """The Lava simulation in a child process (its own session/process group) with a hard timeout.
+
+    Any failure, timeout, Ctrl-C or close() that is not a clean stop kills the whole process group (Lava forks a
+    process per Lava process plus a shared-memory manager) and unlinks every shared-memory segment the group
+    logged (runtimes.lava_worker logs them as it creates them).
+    """
+
+    def __init__(self, spec: dict, timeout: float):
+        self.timeout = float(timeout)
+        self.dir = Path(tempfile.mkdtemp(prefix="stata-lava-"))
+        self.spec_path = self.dir / "spec.pkl"
+        with open(self.spec_path, "wb") as f:
+            pickle.dump(spec, f, protocol=pickle.HIGHEST_PROTOCOL)
+        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                   PYTHONWARNINGS="ignore")
+        self.stderr = open(self.dir / "stderr.txt", "w+b")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "runtimes.lava_worker", str(self.spec_path)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, env=env,
+            start_new_session=True,  # own process group: killpg reaches every Lava child, Ctrl-C does not
+        )
+        self.pgid = self.proc.pid
+        self.n = 0
+        self.shm_names: list[str] = []
+        self.ready: dict = {}
+
+    def start(self) -> None:
+        """Wait until the worker has built the Lava processes."""
+        try:
+            self.ready = self._read_reply()
+        except BaseException:
+            self.kill()
+            raise
+
+    def _read_reply(self) -> dict:
+        deadline = time.monotonic() + self.timeout
+        fd = self.proc.stdout.fileno()
+        buf = b""
+        while not buf.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LavaTimeout(f"Lava simulation did not answer within {self.timeout:.0f} s (timeout); "
+                                  "its process group was killed")
+            r, _, _ = select.select([fd], [], [], min(left, 0.5))
+            if r:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise StataError(f"Lava simulation exited unexpectedly:\n{self._stderr_tail()}")
+                buf += chunk
+        msg = json.loads(buf.decode())
+        if not msg.get("ok"):
+            raise StataError(f"Lava simulation failed: {msg.get('error')}\n{self._stderr_tail()}")
+        return msg
+
+    def _stderr_tail(self, n: int = 1500) -> str:
+        try:
+            self.stderr.flush()
+            return (self.dir / "stderr.txt").read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def request(self, x: np.ndarray) -> tuple[dict, dict]:
+        self.n += 1
+        xin, out = self.dir / f"x{self.n}.npy", self.dir / f"out{self.n}.npz"
+        np.save(xin, x)
+        try:
+            self.proc.stdin.write((json.dumps({"cmd": "run", "x": str(xin), "out": str(out)}) + "\n").encode())
+            self.proc.stdin.flush()
+            stats = self._read_reply()
+            with np.load(out) as z:
+                res = {k: z[k] for k in z.files}
+        except BaseException:  # failure, timeout or KeyboardInterrupt: nothing may survive
+            self.kill()
+            raise
+        finally:
+            for p in (xin, out):
+                p.unlink(missing_ok=True)
+        return res, stats
+
+    def send_raw(self, obj: dict) -> None:
+        """Test hook: send a raw command (e.g. {"cmd": "crash"})."""
+        self.proc.stdin.write((json.dumps(obj) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def stop(self, grace: float = 3.0) -> None:
+        """Clean stop: ask the worker to stop Lava; kill the group if it does not exit within ``grace`` s."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(b'{"cmd": "stop"}\n')
+                self.proc.stdin.flush()
+                self.proc.wait(grace)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        # Lava's children are in the same group; wait until the group is gone before unlinking shared memory.
+        deadline = time.monotonic() + 10
+        while _group_alive(self.pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.shm_names = sorted(set(self.shm_names) | set(_read_lines(Path(str(self.spec_path) + ".shm"))))
+        for name in self.shm_names:
+            try:
+                os.unlink(f"/dev/shm/{name.lstrip('/')}")
+            except OSError:
+                pass
+        for f in (self.proc.stdin, self.proc.stdout, self.stderr):
+            try:
+                f.close()
+            except OSError:
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def _read_lines(p: Path) -> list[str]:
+    try:
+        return [s for s in p.read_text().split() if s]
+    except OSError:
+        return []
+
+# -------------------------------------------------------------------------------------------- the builder
+@dataclass
+class _Node:
+    name: str  # process name in the spec ("input" for the source)
+    shape: tuple  # per-sample shape (without the batch)
+    lag: int  # steps behind the source
+    grid: float = 0.0  # fixed point: the value grid of this tensor (0: real-valued / float mode)
+
+
+class _Builder:
+    """Collects Lava process specs (pure data) for the worker. Tracks each tensor's lag and delay-matches inputs
+    of different lag with ``Delay`` processes (Lava semantics: a Synapse adds one step, everything else none)."""
+
+    def __init__(self, T: int, batch: int, precision: str, dtype: str = "float64"):
+        self.T, self.B, self.precision = T, batch, precision
+        self.dtype = dtype
+        self.procs: list[dict] = []
+        self.records: dict[str, tuple] = {}
+        self.layouts: dict[str, tuple] = {}  # record key -> (layout, token segment) for the torch slot layout
+        self.quant: list[dict] = []  # fixed point: what was quantised, per layer
+        self._n = 0
+        self._delays: dict[tuple, _Node] = {}
+
+    def _name(self, base: str) -> str:
+        self._n += 1
+        return f"{self._n:03d}_{base}"[:60]
+
+    def _add(self, cls, base, inputs, in_ports, node_shape, node_lag, node_grid=0.0, **kwargs) -> _Node:
+        name = self._name(base)
+        self.procs.append(dict(cls=cls, name=name, inputs=[i.name for i in inputs], in_ports=in_ports,
+                               kwargs=kwargs))
+        return _Node(name, tuple(node_shape), node_lag, node_grid)
+
+    def input(self, shape) -> _Node:
+        self.input_shape = tuple(shape)
+        return _Node("input", tuple(shape), 0, 0.0)
+
+    def delay(self, x: _Node, lag: int) -> _Node:
+        """x delayed to ``lag`` (>= x.lag)."""
+        if lag == x.lag:
+            return x
+        if lag < x.lag:
+            raise AssertionError("cannot advance a signal")
+        key = (x.name, lag)
+        if key not in self._delays:
+            self._delays[key] = self._add("Delay", "delay", [x], ["in0"], x.shape, lag, x.grid,
+                                          shape=(self.B, *x.shape), steps=lag - x.lag)
+        return self._delays[key]
+
+    def synapse(self, x: _Node, weight, bias, out_shape, label: str, mode: str, mask=None) -> _Node:
+        weight = weight.astype(np.float64).tocsr() if sp.issparse(weight) else np.asarray(weight, dtype=np.float64)
+        bias = None if bias is None else np.asarray(bias, dtype=np.float64)
+        if bias is not None and not bias.any():
+            bias = None
+        grid = 0.0
+        if self.precision == "fixed":
+            weight, bias, grid = self._quantise(weight, bias, label)
+        return self._add("Synapse", label, [x], ["s_in"], out_shape, x.lag + 1, grid,
+                         in_shape=(self.B, *x.shape), out_shape=(self.B, *out_shape), weight=weight, bias=bias,
+                         mode=mode, mask=mask, T=self.T, lag=x.lag + 1)
+
+    def _quantise(self, w, b, label):
+        """Loihi-like: 8-bit signed weight mantissas with one power-of-two exponent per layer; bias on the same
+        grid (13-bit mantissa, clipped)."""
+        wmax = float(abs(w).max()) if (w.nnz if sp.issparse(w) else w.size) else 0.0
+        if wmax == 0.0:
+            return w, b, 1.0
+        grid = 2.0 ** math.ceil(math.log2(wmax / 127.0))
+        if sp.issparse(w):
+            wq = w.copy()
+            wq.data = np.clip(np.round(w.data / grid), -127, 127) * grid
+            err = float(abs(wq.data - w.data).max())
+        else:
+            wq = np.clip(np.round(w / grid), -127, 127) * grid
+            err = float(abs(wq - w).max())
+        bq = None if b is None else np.clip(np.round(b / grid), -4095, 4095) * grid
+        self.quant.append({"layer": label, "weight_bits": 8, "exponent": int(math.log2(grid)),
+                           "max_weight_error": err,
+                           "max_bias_error": 0.0 if b is None else float(abs(bq - b).max())})
+        return wq, bq, grid
+
+    def neuron(self, x: _Node, label: str, kind="lif", mask=None, **params) -> _Node:
+        """params: tau_steps, r, v_leak, v_th, v_reset (scalars or arrays)."""
+        fixed = self.precision == "fixed"
+        out_grid = (1.0 if kind != "relu" else x.grid) if fixed else 0.0
+        for k, v in list(params.items()):
+            a = np.asarray(v, dtype=np.float64)
+            params[k] = float(a.flat[0]) if a.size and (a == a.flat[0]).all() else a
+        return self._add("Neuron", label, [x], ["a_in"], x.shape, x.lag, out_grid, shape=(self.B, *x.shape),
+                         kind=kind, T=self.T, lag=x.lag, mask=mask, token_axis=-1,
+                         grid=x.grid if fixed else 0.0, dtype=self.dtype, **params)
+
+    def op1(self, kind, x: _Node, out_shape, label, grid=None, mask=None, **params) -> _Node:
+        return self._add("Op1", label, [x], ["in0"], out_shape, x.lag, x.grid if grid is None else grid,
+                         kind=kind, in_shape=(self.B, *x.shape), out_shape=(self.B, *out_shape), params=params,
+                         T=self.T, lag=x.lag, mask=mask)
+
+    def op2(self, kind, a: _Node, b: _Node, out_shape, label, grid=0.0, mask=None, **params) -> _Node:
+        lag = max(a.lag, b.lag)
+        a, b = self.delay(a, lag), self.delay(b, lag)
+        return self._add("Op2", label, [a, b], ["in0", "in1"], out_shape, lag, grid, kind=kind,
+                         a_shape=(self.B, *a.shape), b_shape=(self.B, *b.shape), out_shape=(self.B, *out_shape),
+                         params=params, T=self.T, lag=lag, mask=mask)
+
+    def add(self, a: _Node, b: _Node, label="add") -> _Node:
+        return self.op2("add", a, b, a.shape, label, grid=min(a.grid, b.grid) if a.grid and b.grid else 0.0)
+
+    def record(self, key: str, x: _Node, layout=None) -> None:
+        if key in self.records:
+            raise NirFormatError(f"layer {key!r} is recorded twice in this graph")
+        self.records[key] = (x.name, x.lag, x.shape)
+        self.layouts[key] = layout
+
+    def spec(self, buffer: int, fuse: bool = True) -> dict:
+        procs = self._fused() if fuse else self.procs
+        return dict(T=self.T, batch=self.B, input_shape=self.input_shape, procs=procs, records=self.records,
+                    buffer=buffer)
+
+    def _fused(self) -> list[dict]:
+        """Fuse each Synapse whose only consumer is one Neuron into a SynapseNeuron process (same timing)."""
+        consumers: dict[str, int] = {}
+        for p in self.procs:
+            for i in p["inputs"]:
+                consumers[i] = consumers.get(i, 0) + 1
+        for src, _, _ in self.records.values():
+            consumers[src] = consumers.get(src, 0) + 1
+        by_name = {p["name"]: p for p in self.procs}
+        gone, out = set(), []
+        for p in self.procs:
+            s = by_name.get(p["inputs"][0]) if p["cls"] == "Neuron" else None
+            if s is not None and s["cls"] == "Synapse" and consumers.get(s["name"]) == 1:
+                gone.add(s["name"])
+                neu = {**dict(tau_steps=TAU, r=1.0, v_leak=V_RESET, v_th=V_TH, v_reset=V_RESET), **p["kwargs"]}
+                p = dict(cls="SynapseNeuron", name=p["name"], inputs=s["inputs"], in_ports=["s_in"],
+                         kwargs=dict(syn=s["kwargs"], neu=neu))
+            out.append(p)
+        return [p for p in out if p["name"] not in gone]
+
+    @property
+    def depth(self) -> int:
+        return max(lag for _, lag, _ in self.records.values())
+
+# ------------------------------------------------------------------------------------------- lowering
+def _conv_matrix(w: np.ndarray, in_shape, stride, padding, dilation, groups) -> tuple[sp.csr_matrix, tuple]:
+    """A conv2d (torch semantics, zero padding) as a sparse (Co*Ho*Wo, Ci*H*W) matrix; zero weights skipped."""
+    Ci, H, W = in_shape
+    Co, cig, kh, kw = w.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    cog = Co // groups
+    oy, ox = np.meshgrid(np.arange(Ho), np.arange(Wo), indexing="ij")
+    opix = (oy * Wo + ox).ravel()
+    co = np.arange(Co)
+    gi = co // cog
+    rows, cols, vals = [], [], []
+    for i in range(kh):
+        for j in range(kw):
+            iy, ix = (oy * sh - ph + i * dh).ravel(), (ox * sw - pw + j * dw).ravel()
+            ok = (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+            if not ok.any():
+                continue
+            op_, ip_ = opix[ok], (iy * W + ix)[ok]
+            for c in range(cig):
+                wv = w[:, c, i, j]  # (Co,)
+                nz = np.flatnonzero(wv)
+                if nz.size == 0:
+                    continue
+                ci = gi[nz] * cig + c  # input channel of each output channel
+                rows.append((nz[:, None] * Ho * Wo + op_[None, :]).ravel())
+                cols.append((ci[:, None] * H * W + ip_[None, :]).ravel())
+                vals.append(np.repeat(wv[nz], op_.size))
+    if rows:
+        r, c_, v = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+    else:
+        r = c_ = np.zeros(0, dtype=np.int64)
+        v = np.zeros(0)
+    return sp.csr_matrix((v, (r, c_)), shape=(Co * Ho * Wo, Ci * H * W)), (Co, Ho, Wo)
+
+
+def _low_output(bld, g, op, x, mask):
+    return x if mask is None else bld.op1("mask", x, x.shape, op.name, mask=mask)
+
+
+def _low_affine(bld, g, op, x, mask):
+    W, b = op.params["weight"], op.params["bias"]
+    if W.shape[-1] != x.shape[-1]:
+        raise NirFormatError(f"Affine {op.name!r}: weight takes {W.shape[-1]} inputs, its input has shape {x.shape}")
+    return bld.synapse(x, W, np.broadcast_to(b, op.shape), op.shape, op.name, "affine", mask)
+
+
+def _low_conv2d(bld, g, op, x, mask):
+    p = op.params
+    w, b = p["weight"], p["bias"]
+    if len(x.shape) != 3:
+        raise NirFormatError(f"Conv2d {op.name!r}: input shape {x.shape} is not (C, H, W)")
+    bias = None if b is None else np.asarray(b, dtype=np.float64).reshape(-1, 1, 1)
+    if w.shape[2:] == (1, 1) and p["groups"] == 1 and tuple(p["stride"]) == (1, 1) and tuple(p["padding"]) == (0, 0):
+        return bld.synapse(x, w[:, :, 0, 0], bias, op.shape, op.name, "cf", mask)  # per-position (token) linear
+    M, shape = _conv_matrix(w, x.shape, p["stride"], p["padding"], p["dilation"], p["groups"])
+    if tuple(shape) != tuple(op.shape):
+        raise NirFormatError(f"Conv2d {op.name!r}: computed output {shape} but the graph says {op.shape}")
+    return bld.synapse(x, M, None if bias is None else np.broadcast_to(bias, shape), op.shape, op.name, "sparse", mask)
+
+
+def _low_sumpool2d(bld, g, op, x, mask):
+    p = op.params
+    C = x.shape[0]
+    w = np.ones((C, 1, *p["kernel"]))
+    M, shape = _conv_matrix(w, x.shape, p["stride"], p["padding"], (1, 1), C)
+    return bld.synapse(x, M, None, op.shape, op.name, "sparse", mask)
+
+
+def _low_flatten(bld, g, op, x, mask):
+    return bld.op1("reshape", x, op.shape, op.name, mask=mask, out_reshape=tuple(op.shape))
+
+
+def _low_lif(bld, g, op, x, mask):
+    p = op.params
+    return bld.neuron(x, op.name, "lif", mask, tau_steps=p["tau_steps"], r=p["r"], v_leak=p["v_leak"],
+                      v_th=p["v_threshold"], v_reset=p["v_reset"])
+
+
+LOWER = {  # IR op kind -> lowering (the table of runtimes.nir_graph's op set)
+    "output": _low_output,
+    "affine": _low_affine,
+    "conv2d": _low_conv2d,
+    "sumpool2d": _low_sumpool2d,
+    "flatten": _low_flatten,
+    "lif": _low_lif,
+}
+
+
+def _heads_args(prefix: str, heads: int, shape, perm) -> dict:
+    """Split a token row (D, 1, n) or token map (D, g, g) (tokens = flattened h, w) into (H, dh, n) [+ perm]."""
+    D = shape[0]
+    n = int(np.prod(shape[1:]))
+    return {f"{prefix}_reshape": (heads, D // heads, n), f"{prefix}_perm": perm}
+
+
+def _low_host(bld, g, h, nodes) -> _Node:
+    """A host operation (a product NIR cannot express) as Lava processes."""
+    mask = g.segments[h.tokens].schedule if h.tokens else None
+    ins = [nodes[p] for p in h.inputs]
+    heads = int(h.attrs.get("heads", 1))
+    shape = ins[0].shape
+    if len(shape) != 3 or any(i.shape != shape for i in ins):
+        raise NirFormatError(f"host operation {h.name!r}: ports must be token rows (D, 1, n) or maps (D, g, g) of "
+                             f"one shape, got {[i.shape for i in ins]}")
+    D, n = shape[0], int(np.prod(shape[1:]))
+    dh = D // heads
+    NT = (0, 1, 3, 2)  # (B, H, dh, n) <-> (B, H, n, dh)
+    if h.kind == "ssa_product":
+        q, k, v = ins
+        scale = float(h.attrs.get("scale", 1.0))
+        qk = bld.op2("matmul", q, k, (heads, n, n), h.name + ".qk", grid=1.0,
+                     **_heads_args("a", heads, shape, NT), **_heads_args("b", heads, shape, None))
+        return bld.op2("matmul", qk, v, shape, h.name + ".av", grid=scale, mask=mask, scale=scale,
+                       **_heads_args("b", heads, shape, NT), out_perm=NT, out_reshape=shape)
+    if h.kind == "a2os2a_product":
+        q, kpre, vpre = ins
+        vr = float(h.attrs.get("v_reset", 0.0))
+        k = bld.neuron(kpre, h.name + ".k", "relu", mask)
+        v = bld.neuron(vpre, h.name + ".v", "ternary", mask, tau_steps=float(h.attrs.get("tau_steps", 2.0)), r=1.0,
+                       v_leak=vr, v_th=float(h.attrs.get("v_th", 1.0)), v_reset=vr)
+        lay = "tokens" if shape[1] == 1 else "grid_tokens"
+        for role, node in (("k", k), ("v", v)):
+            if role in h.records:
+                bld.record(h.records[role], node, (lay, h.tokens))
+        ktv = bld.op2("matmul", k, v, (heads, dh, dh), h.name + ".ktv", grid=k.grid,
+                      **_heads_args("a", heads, shape, None), **_heads_args("b", heads, shape, NT))
+        return bld.op2("matmul", q, ktv, shape, h.name + ".qktv", grid=k.grid, mask=mask,
+                       **_heads_args("a", heads, shape, NT), out_perm=NT, out_reshape=shape)
+    raise UnsupportedOpError(f"host operation {h.name!r} of kind {h.kind!r} has no Lava lowering")
+
+
+def lower_graph(g, batch: int, precision: str, dtype: str = "float64") -> _Builder:
+    """Lower the IR of ``runtimes.nir_graph`` (ops in topological order) to Lava process specs."""
+    bld = _Builder(g.T, batch, precision, dtype)
+    if g.input is None or g.logits is None:
+        raise NirFormatError("this NIR file is not a complete stata-deploy model graph (no image input or logits "
+                             "port; a --split segment?): the Lava runtime runs whole models")
+    host_by_out = {h.output: h for h in g.host_ops}
+    nodes: dict[str, _Node] = {}
+    for name, op in g.ops.items():
+        mask = g.segments[op.tokens].schedule if op.tokens else None
+        if op.kind == "input":
+            if name == g.input:
+                nodes[name] = bld.input(op.shape)
+            elif name in host_by_out:
+                nodes[name] = _low_host(bld, g, host_by_out[name], nodes)
+            else:
+                raise UnsupportedOpError(f"input port {name!r} has no source in this graph (not the image input "
+                                         "and no host operation writes it)")
+            continue
+        if op.kind not in LOWER:
+            raise UnsupportedOpError(f"op {name!r} of kind {op.kind!r} has no Lava lowering "
+                                     f"(supported: {', '.join(LOWER)})")
+        if not op.inputs:
+            raise NirFormatError(f"op {name!r} has no inputs")
+        x = nodes[op.inputs[0]]
+        for s in op.inputs[1:]:  # several edges into one node are summed (delay-matched)
+            x = bld.add(x, nodes[s], name + ".sum")
+        y = LOWER[op.kind](bld, g, op, x, mask)
+        nodes[name] = y
+        if op.layer:
+            bld.record(op.layer, y, (op.layout, op.tokens))
+    bld.record("logits", nodes[g.logits], ("logits", None))
+    return bld
+
+# -------------------------------------------------------------------------------------------- the runtime
+def _lava_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("lava") is not None
+
+
+class LavaRuntime(Runtime):
+    """Runtime ``lava``: a .nir file exported by stata-deploy (or a run folder) on Lava's CPU simulator."""
+
+    name = "lava"
+
+    def __init__(self, path, precision: str = "float", timeout: float = 600.0, batch: int | None = None,
+                 dtype: str = "float64", **options):
+        """precision: 'float' | 'fixed'; timeout: seconds any single answer of the simulation may take (build,
+        compile, or one run call) before its process group is killed; batch: samples simulated in parallel (one
+        network build; a run of B samples streams ceil(B / batch) chunks); dtype: neuron arithmetic in float mode.
+        Other options the CLI passes (hardware, threads) do not change the simulation: energy is computed from the
+        returned spikes by the shared counter."""
+        super().__init__(path)
+        if precision not in PRECISIONS:
+            raise StataError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        if not _lava_available():
+            raise StataError("the lava runtime needs Lava: run `bash scripts/install_lava.sh .venv` "
+                             "(lava-nc 0.10.0, patched for Python 3.11)")
+        self.precision = precision
+        self.timeout = float(timeout) if timeout else 600.0
+        self.graph, self.cfg, self.masks = _load_nir(self.path)
+        self.batch = int(batch) if batch else 32
+        if self.batch < 1:
+            raise StataError("batch must be >= 1")
+        t0 = time.perf_counter()
+        self._builder = lower_graph(self.graph, self.batch, precision, dtype)
+        self.lower_seconds = time.perf_counter() - t0
+        self.depth = self._builder.depth  # steps from input to logits
+        self.quantisation = self._builder.quant
+        self._worker: _Worker | None = None
+        self.last_worker: _Worker | None = None  # kept after a kill (tests check its process group and memory)
+        self.build_seconds = 0.0  # worker start + Lava process construction
+        self.compile_seconds = 0.0  # first run: Lava compile + process start
+        self.stats: list[dict] = []
+        self._finalizer = weakref.finalize(self, _Runtime_cleanup, [None])
+
+    # ---------------------------------------------------------------------------------------------
+    def _ensure_worker(self) -> "_Worker":
+        if self._worker is None or not self._worker.alive:
+            t0 = time.perf_counter()
+            spec = self._builder.spec(buffer=4)  # the host reads every Extractor once per step: 4 slots suffice
+            self._worker = self.last_worker = _Worker(spec, self.timeout)
+            self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, _Runtime_cleanup, [self._worker])
+            self._worker.start()
+            self.build_seconds = time.perf_counter() - t0
+        return self._worker
+
+    def run(self, x: np.ndarray, record: bool = True) -> RunResult:
+        cfg = self.cfg
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == 4:
+            x = np.broadcast_to(x[None], (cfg.T, *x.shape))
+        want = (cfg.in_channels, cfg.img_size, cfg.img_size)
+        if x.ndim != 5 or x.shape[0] != cfg.T or tuple(x.shape[2:]) != want:
+            raise DataError(f"input shape {tuple(x.shape)} does not match the model: expected (B, {want[0]}, "
+                            f"{want[1]}, {want[2]}) or ({cfg.T}, B, {want[0]}, {want[1]}, {want[2]})")
+        B = x.shape[1]
+        Bc = self.batch
+        K = -(-B // Bc)
+        xp = np.zeros((cfg.T, K * Bc, *want), dtype=np.float64)
+        xp[:, :B] = x
+        xk = xp.reshape(cfg.T, K, Bc, *want).swapaxes(0, 1)  # (K, T, Bc, C, H, W)
+        worker = self._ensure_worker()
+        t0 = time.perf_counter()
+        res, stats = worker.request(np.ascontiguousarray(xk))
+        seconds = time.perf_counter() - t0
+        if stats.get("first_run_seconds"):
+            self.compile_seconds = stats["first_run_seconds"]
+        stats = {**stats, "samples": B, "wall_seconds": seconds}
+        self.stats.append(stats)
+        logits_t = res.pop("logits")[:, :B].reshape(cfg.T, B, -1).astype(np.float32)
+        spikes, kept = self._to_slots({k: v[:, :B] for k, v in res.items()}, B) if record else ({}, self._kept(B))
+        return RunResult(logits_t, spikes, x.copy(), seconds, kept)
+
+    # ---------------------------------------------------------------------------------------------
+    def _kept(self, B: int) -> dict[int, np.ndarray]:
+        g, kept = self.graph, {}
+        for site, sid in g.sites.items():
+            seg = g.segments[sid]
+            pos = np.stack([seg.positions[seg.schedule[t]] for t in range(g.T)])  # (T, k)
+            kept[int(site)] = np.broadcast_to(pos[:, None, :], (g.T, B, pos.shape[1])).astype(np.int64).copy()
+        return kept
+
+    def _to_slots(self, res: dict, B: int):
+        from runtimes.nir_graph import _to_torch_layout
+
+        spikes = {}
+        for name, a in res.items():
+            layout, tokens = self._builder.layouts[name]
+            spikes[name] = _to_torch_layout(self.graph, layout, tokens, a).astype(np.float32)
+        return spikes, self._kept(B)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
+        self._finalizer.detach()
+
+
+def _Runtime_cleanup(holder):
+    w = holder[0]
+    if w is not None:
+        w.kill()
+
+
+def _load_nir(path: Path):
+    """(IR graph, ModelConfig, TokenMasks | None) from a .nir file exported by stata-deploy."""
+    from stata_deploy.config import ModelConfig
+    from stata_deploy.pruning import TokenMasks
+
+    from runtimes.nir_graph import read_graph
+
+    p = Path(path)
+    if p.is_dir():
+        raise StataError(f"{p} is a folder; the lava runtime runs a .nir file (stata-deploy export {p} --to nir)")
+    g = read_graph(p)
+    if g.meta.get("format") != "stata-deploy-nir" or not g.meta.get("config"):
+        raise NirFormatError(f"{p} is a NIR file, but not one exported by stata-deploy (no 'stata_deploy' "
+                             "description in its metadata): the lava runtime needs our model description")
+    cfg = ModelConfig.from_dict(g.meta["config"])
+    masks = TokenMasks.from_json(g.meta["masks"]) if g.meta.get("masks") else None
+    return g, cfg, masks
