@@ -1,8 +1,13 @@
 """Checkpoints: safetensors weights + JSON config. Loading never executes code from a file.
 
-A run directory holds ``config.json`` ({"format", "model": ModelConfig, "train": ..., "dataset": ...}),
-``model.safetensors`` and, for resume, ``train_state.safetensors`` + ``train_state.json``. Every file is written
-to a temporary file in the same folder and renamed into place, so a crash never leaves a partial checkpoint.
+A run directory holds ``config.json`` ({"format", "model": ModelConfig, "weights_sha256", "train": ...,
+"dataset": ...}), ``model.safetensors`` and, for resume, ``checkpoints/step-<N>.safetensors`` (the two newest
+training checkpoints: weights, optimizer state, RNG states, and the loop position as JSON metadata, with a sha256
+of all of it stored inside the file and verified when loading). Every file is written to a temporary file in the
+same folder, fsynced and renamed into place, so a crash never leaves a partial file under its final name.
+
+Only safetensors and JSON are ever read: pickle-based ``.pt``/``.pth`` files are refused before anything in them
+is interpreted (unpickling can execute arbitrary code).
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, StataError
 
 FORMAT = "stata-deploy/1"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def _atomic(path: Path, write) -> None:
@@ -30,6 +37,7 @@ def _atomic(path: Path, write) -> None:
     fd, tmp = None, None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; a finished file gets the usual permissions
         with os.fdopen(fd, "wb") as f:
             fd = None
             write(f)
@@ -68,17 +76,48 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     return hashlib.sha256(data).hexdigest()
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
+
+def _read_bytes(path: Path) -> bytes:
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, expected a .safetensors file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
-        return load(path.read_bytes())
+        return path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _parse_tensors(path: Path, data: bytes) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    if data.startswith(PICKLE_MAGIC):
+        raise CheckpointError(f"{path} is a pickle-based PyTorch file; refusing to load it (unpickling can run code). "
+                              f"stata-deploy reads safetensors + JSON only")
+    try:
+        return load(data)
     except (SafetensorError, ValueError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{path} is not a valid safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file (never pickle)."""
+    return _parse_tensors(Path(path), _read_bytes(path))
+
+
+def _safetensors_metadata(path: Path, data: bytes) -> dict[str, str]:
+    import struct
+
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + n])
+        return dict(header.get("__metadata__") or {})
+    except (struct.error, ValueError, AttributeError, TypeError):
+        raise CheckpointError(f"{path} is not a valid safetensors file (bad header)") from None
 
 
 def read_json(path: Path, what: str = "file") -> dict:
@@ -128,13 +167,18 @@ def load_config(run_dir: str | Path) -> tuple[ModelConfig, dict]:
 
 
 def load_model(run_dir: str | Path, map_location: str = "cpu"):
-    """Build the model from config.json and load model.safetensors; mismatches are CheckpointErrors."""
+    """Build the model from config.json and load model.safetensors; mismatches are CheckpointErrors.
+
+    The weights are checked against config.json: names, shapes, finite values, and the sha256 recorded when they
+    were saved (``weights_sha256``, when present)."""
     from .model import build_model
 
     run_dir = resolve_run(run_dir)
     cfg, meta = load_config(run_dir)
     model = build_model(cfg)
-    sd = load_tensors(run_dir / "model.safetensors")
+    wpath = run_dir / "model.safetensors"
+    data = _read_bytes(wpath)
+    sd = _parse_tensors(wpath, data)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
@@ -150,7 +194,99 @@ def load_model(run_dir: str | Path, map_location: str = "cpu"):
             )
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise CheckpointError(f"weights in {run_dir} contain NaN or infinite values ({k})")
+    want = meta.get("weights_sha256")
+    if want and hashlib.sha256(data).hexdigest() != want:
+        raise CheckpointError(f"{wpath} does not match the sha256 recorded in config.json (corrupted or replaced)")
     model.load_state_dict(sd)
     model.to(map_location)
     model.eval()
     return model, meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training checkpoints (resume): self-verifying safetensors files in RUN/checkpoints, the two newest kept.
+
+TRAIN_FORMAT = "stata-deploy-train/1"
+CKPT_DIR = "checkpoints"
+KEEP_CHECKPOINTS = 2
+
+
+def _state_digest(tensors: dict[str, torch.Tensor], state_json: str) -> str:
+    """sha256 over the JSON state and every tensor's name, dtype, shape and bytes (in name order)."""
+    h = hashlib.sha256(state_json.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CKPT_DIR
+
+
+def list_train_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of the training checkpoints in RUN/checkpoints, newest first."""
+    d = checkpoint_dir(run_dir)
+    out = []
+    if d.is_dir():
+        for p in d.glob("step-*.safetensors"):
+            try:
+                out.append((int(p.name[len("step-") : -len(".safetensors")]), p))
+            except ValueError:
+                continue
+    return sorted(out, reverse=True)
+
+
+def save_train_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torch.Tensor], state: dict,
+                          keep: int = KEEP_CHECKPOINTS) -> Path:
+    """Write RUN/checkpoints/step-<step>.safetensors atomically (temp + fsync + rename) with a sha256 of its whole
+    content inside, then delete older checkpoints beyond the ``keep`` newest (and any newer leftovers of an
+    abandoned timeline). The previous checkpoint is deleted only after the new one is complete."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    state_json = json.dumps(state, sort_keys=True)
+    path = checkpoint_dir(run_dir) / f"step-{step:09d}.safetensors"
+    save_tensors(path, tensors, {"format": TRAIN_FORMAT, "state": state_json,
+                                 "sha256": _state_digest(tensors, state_json)})
+    older = [p for s, p in list_train_checkpoints(run_dir) if s < step][: max(0, keep - 1)]
+    for s, p in list_train_checkpoints(run_dir):
+        if p != path and p not in older:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+    return path
+
+
+def read_train_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load and verify one training checkpoint; CheckpointError if it is truncated, corrupted or not ours."""
+    data = _read_bytes(path)
+    tensors = _parse_tensors(path, data)
+    md = _safetensors_metadata(path, data)
+    if md.get("format") != TRAIN_FORMAT or "state" not in md or "sha256" not in md:
+        raise CheckpointError(f"{path} is not a stata-deploy training checkpoint")
+    if _state_digest(tensors, md["state"]) != md["sha256"]:
+        raise CheckpointError(f"{path} fails its sha256 check (corrupted)")
+    try:
+        state = json.loads(md["state"])
+    except ValueError:
+        raise CheckpointError(f"{path} has an unreadable state record") from None
+    return tensors, state
+
+
+def load_latest_train_checkpoint(run_dir: str | Path, warn=None) -> tuple[dict[str, torch.Tensor], dict, Path]:
+    """The newest training checkpoint that verifies; broken newer ones are skipped with a warning via ``warn``."""
+    found = list_train_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"nothing to resume: no training checkpoint in {checkpoint_dir(run_dir)}")
+    problems = []
+    for _, p in found:
+        try:
+            tensors, state = read_train_checkpoint(p)
+        except CheckpointError as e:
+            problems.append(str(e))
+            if warn is not None:
+                warn(f"warning: skipping checkpoint {p.name}: {e}")
+            continue
+        return tensors, state, p
+    raise CheckpointError(f"no usable training checkpoint in {checkpoint_dir(run_dir)} ({problems[0]})")

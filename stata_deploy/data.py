@@ -161,6 +161,8 @@ def load_image(path: Path, channels: int | None = None) -> np.ndarray:
             x = x[None]
         if x.ndim != 3:
             raise DataError(f"{path}: expected an array (H, W) or (C, H, W), got shape {x.shape}")
+        if not np.isfinite(x).all():
+            raise DataError(f"{path} contains NaN or infinite values")
         return x / 255.0 if x.max(initial=0) > 1.0 else x
     from PIL import Image, UnidentifiedImageError
 

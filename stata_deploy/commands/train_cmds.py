@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -54,12 +55,19 @@ def _sites(ctx, param, value):
 @click.option("--train-limit", default=None, type=click.IntRange(1, None), help="Use only the first N training images.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its newest good checkpoint "
+              "(same options required; a corrupted newest checkpoint falls back to the previous one).")
+@click.option("--checkpoint-every", default=0, show_default=True, type=click.IntRange(0, None),
+              help="Also write a training checkpoint every N optimizer steps (0: only at the end of each epoch).")
+@click.option("--nproc", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Data-parallel processes on this machine (DistributedDataParallel; gloo on CPU, nccl on CUDA). "
+                   "--batch-size is the global batch. Same as: torchrun --nproc_per_node=N -m stata_deploy train ...")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object.")
 @threads_option
-def train(dataset, preset, attention, prune, keep, sites, align, epochs, batch_size, lr, T, seed, train_limit, device,
-          out, resume, quiet, as_json, threads):
+@click.pass_context
+def train(ctx, dataset, preset, attention, prune, keep, sites, align, epochs, batch_size, lr, T, seed, train_limit,
+          device, out, resume, checkpoint_every, nproc, quiet, as_json, threads):
     """Train a spiking transformer, optionally with token pruning.
 
     \b
@@ -67,18 +75,56 @@ def train(dataset, preset, attention, prune, keep, sites, align, epochs, batch_s
       stata-deploy train --out runs/base
       stata-deploy train --prune stata --keep 0.5 --align intra,inter --out runs/stata
       stata-deploy train --dataset fashion-mnist --model spikformer-small --epochs 5 --out runs/fm
-    Writes OUT/config.json, OUT/model.safetensors, OUT/metrics.json and OUT/metrics.jsonl.
+      stata-deploy train --checkpoint-every 50 --out runs/a   # after a crash: add --resume
+      stata-deploy train --nproc 2 --out runs/ddp             # or: torchrun --nproc_per_node=2 -m stata_deploy train ...
+    Writes OUT/config.json, OUT/model.safetensors, OUT/metrics.json, OUT/metrics.jsonl and OUT/checkpoints/.
     """
     from ..train import TrainConfig, train as run_train
 
-    set_threads(threads)
     tc = TrainConfig(dataset=dataset, model=preset, out=out, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                      T=T, attention=attention, prune=prune, keep=keep, sites=sites, align=align, device=device,
-                     train_limit=train_limit, resume=resume, progress=not quiet)
+                     train_limit=train_limit, resume=resume, progress=not quiet, checkpoint_every=checkpoint_every,
+                     nproc=nproc)
+    tc.validate()
+    if nproc > 1:
+        from ..distributed import env_world_size, launch
+
+        if env_world_size() > 1:
+            raise StataError("--nproc cannot be used inside torchrun (it already started the processes)")
+        argv = _relaunch_args(ctx)
+        code = launch(nproc, argv, threads)
+        if code:
+            raise SystemExit(code)
+        return
+    set_threads(threads)
     log = (lambda s: None) if (quiet or as_json) else (lambda s: click.echo(s, err=True))
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 talks
+        log, tc.progress = (lambda s: None), False
     metrics = run_train(tc, log=log)
+    if os.environ.get("RANK", "0") != "0":
+        return
     emit(metrics, as_json, f"test accuracy {metrics['test_accuracy']:.4f} after {metrics['epochs']} epochs "
                            f"({metrics['train_seconds']:.1f} s); run saved in {out}")
+
+
+def _relaunch_args(ctx) -> list[str]:
+    """The train command line for the worker processes: the same options, without --nproc."""
+    argv = ["train"]
+    for p in ctx.command.params:
+        if not isinstance(p, click.Option) or p.name in ("nproc",):
+            continue
+        v = ctx.params.get(p.name)
+        flag = p.opts[0]
+        if p.is_flag:
+            if v:
+                argv.append(flag)
+        elif v is not None and v != [] and v != "":
+            if p.name == "sites":
+                v = ",".join(str(i) for i in v)
+            elif p.name == "align":
+                v = ",".join(v)
+            argv += [flag, str(v)]
+    return argv
 
 
 def _load_eval_data(meta: dict, dataset: str | None, T: int):
@@ -219,8 +265,10 @@ def calibrate(run, dataset, samples, out_path, as_json, threads):
     xc, yc = ds.x_train[:samples], ds.y_train[:samples]
     it = (xb for xb, _ in batches(xc, yc, 64))
     bar = tqdm(total=math.ceil(len(yc) / 64), desc="calibrate", disable=as_json, leave=False)
-    masks = calibrate_masks(model, it, progress=bar)
-    bar.close()
+    try:
+        masks = calibrate_masks(model, it, progress=bar)
+    finally:
+        bar.close()  # clear the bar, also on failure, so an error starts on a clean line
     dyn = evaluate(model, ds.x_test, ds.y_test)
     stat = evaluate(model, ds.x_test, ds.y_test, masks=masks)
     masks.meta.update(calibration_samples=len(yc), dynamic_accuracy=dyn["test_accuracy"],

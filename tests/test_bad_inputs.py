@@ -1,0 +1,522 @@
+"""Bad-input catalogue: for every CLI command, the inputs users get wrong.
+
+Each case asserts: a non-zero exit, ONE clear error message containing the expected words, no traceback, no
+unexpected exception, and no partial output (the outputs the command would have written do not exist or hold no
+files, and no temporary files are left anywhere).
+
+To add a command: add its cases to CASES (argv with {placeholders}, see ``paths``) and, if it writes files, one
+entry to WRITERS (a valid command line and what it writes): the disk-full, read-only and output-under-a-file cases
+are generated from it.
+
+Simulations (the tests run as root, and there is no small tmpfs here):
+- disk full: ``open``/``io.open``/``os.fdopen`` return files whose ``write`` raises ENOSPC and ``os.write`` raises
+  ENOSPC (the file is still created, so a writer that is not atomic leaves a partial file and fails the test);
+- read-only folder: ``os.open``/``os.mkdir``/``open`` raise EROFS for paths under the folder (chmod does not stop
+  root); a real, not simulated, variant puts the output path under a regular file (ENOTDIR).
+"""
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import io
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from stata_deploy import checkpoint as ckpt
+from stata_deploy.cli import main
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# simulations
+
+class _FullFile:
+    """A real file object whose writes fail as on a full disk."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    writelines = write
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+    def __iter__(self):
+        return iter(self._f)
+
+
+def _writing(mode) -> bool:
+    return isinstance(mode, str) and any(c in mode for c in "wax+")
+
+
+@contextlib.contextmanager
+def disk_full(mp: pytest.MonkeyPatch):
+    real_open, real_fdopen = builtins.open, os.fdopen
+
+    def fake_open(file, mode="r", *a, **k):
+        f = real_open(file, mode, *a, **k)
+        return _FullFile(f) if _writing(mode) else f
+
+    def fake_fdopen(fd, mode="r", *a, **k):
+        f = real_fdopen(fd, mode, *a, **k)
+        return _FullFile(f) if _writing(mode) else f
+
+    def fake_write(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with mp.context() as m:
+        m.setattr(builtins, "open", fake_open)
+        m.setattr(io, "open", fake_open)
+        m.setattr(os, "fdopen", fake_fdopen)
+        m.setattr(os, "write", fake_write)
+        yield
+
+
+@contextlib.contextmanager
+def read_only(mp: pytest.MonkeyPatch, root: Path):
+    root = str(Path(root).resolve())
+    real_open, real_os_open, real_mkdir = builtins.open, os.open, os.mkdir
+
+    def under(path) -> bool:
+        try:
+            p = os.path.abspath(os.fspath(path))
+        except TypeError:
+            return False
+        return p == root or p.startswith(root + os.sep)
+
+    def ro():
+        return OSError(errno.EROFS, "Read-only file system")
+
+    def fake_open(file, mode="r", *a, **k):
+        if _writing(mode) and under(file):
+            raise ro()
+        return real_open(file, mode, *a, **k)
+
+    def fake_os_open(path, flags, *a, **k):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and under(path):
+            raise ro()
+        return real_os_open(path, flags, *a, **k)
+
+    def fake_mkdir(path, *a, **k):
+        if under(path):
+            raise ro()
+        return real_mkdir(path, *a, **k)
+
+    with mp.context() as m:
+        m.setattr(builtins, "open", fake_open)
+        m.setattr(io, "open", fake_open)
+        m.setattr(os, "open", fake_os_open)
+        m.setattr(os, "mkdir", fake_mkdir)
+        yield
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inputs
+
+def _clone(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite_weights(run: Path, fn) -> None:
+    sd = ckpt.load_tensors(run / "model.safetensors")
+    fn(sd)
+    ckpt.save_tensors(run / "model.safetensors", sd, {"format": ckpt.FORMAT})
+
+
+def _edit_config(run: Path, fn) -> None:
+    cfg = json.loads((run / "config.json").read_text())
+    fn(cfg)
+    (run / "config.json").write_text(json.dumps(cfg))
+
+
+def _npz(path: Path, **arrays) -> str:
+    np.savez(path, **arrays)
+    return f"npz:{path}"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, digits, base_run, trained_run):
+    """Every broken input, made once. Values are strings for the command line."""
+    d = tmp_path_factory.mktemp("bad")
+    x, y, xt, yt = digits.x_train[:64], digits.y_train[:64], digits.x_test[:32], digits.y_test[:32]
+    p: dict[str, str] = {"base": str(base_run), "stata": str(trained_run)}
+    p["tiny"] = _npz(d / "tiny.npz", x_train=x, y_train=y, x_test=xt, y_test=yt)
+    p["empty_train"] = _npz(d / "empty_train.npz", x_train=x[:0], y_train=y[:0], x_test=xt, y_test=yt)
+    p["empty_test"] = _npz(d / "empty_test.npz", x_train=x, y_train=y, x_test=xt[:0], y_test=yt[:0])
+    xn = x.copy()
+    xn[3, 0, 2, 2] = np.nan
+    p["nan_data"] = _npz(d / "nan.npz", x_train=xn, y_train=y, x_test=xt, y_test=yt)
+    p["len_mismatch"] = _npz(d / "len.npz", x_train=x, y_train=y[:10], x_test=xt, y_test=yt)
+    p["not_square"] = _npz(d / "rect.npz", x_train=x[..., :6], y_train=y, x_test=xt[..., :6], y_test=yt)
+    p["missing_key"] = _npz(d / "nokey.npz", x_train=x, y_train=y)
+    p["big_images"] = _npz(d / "big.npz", x_train=np.zeros((8, 1, 16, 16), np.float32), y_train=y[:8],
+                           x_test=np.zeros((8, 1, 16, 16), np.float32), y_test=yt[:8])
+    p["many_classes"] = _npz(d / "classes.npz", x_train=x, y_train=y + 10, x_test=xt, y_test=yt + 10)
+    (d / "not_npz.npz").write_text("this is text, not numpy")
+    p["not_npz"] = f"npz:{d / 'not_npz.npz'}"
+    (d / "pickled.npz").write_bytes(np.array([{"a": 1}], dtype=object).dumps())
+    p["pickled_npz"] = f"npz:{d / 'pickled.npz'}"
+    p["missing_npz"] = f"npz:{d / 'nope.npz'}"
+    p["missing_idx"] = f"idx:{d / 'no_idx_dir'}"
+    (d / "empty_folder_ds" / "train").mkdir(parents=True)
+    p["empty_image_folder"] = f"folder:{d / 'empty_folder_ds'}"
+    # runs
+    (d / "notes.txt").write_text("not a run")
+    p["a_file"] = str(d / "notes.txt")
+    (d / "empty_dir").mkdir()
+    p["empty_dir"] = str(d / "empty_dir")
+    p["missing"] = str(d / "no_such_run")
+    r = _clone(base_run, d / "bad_json")
+    (r / "config.json").write_text("{not json")
+    p["bad_json"] = str(r)
+    r = _clone(base_run, d / "json_list")
+    (r / "config.json").write_text("[1, 2]")
+    p["json_list"] = str(r)
+    r = _clone(base_run, d / "wrong_format")
+    _edit_config(r, lambda c: c.update(format="someone-else/9"))
+    p["wrong_format"] = str(r)
+    r = _clone(base_run, d / "bad_field")
+    _edit_config(r, lambda c: c["model"].update(heads=0))
+    p["bad_field"] = str(r)
+    r = _clone(base_run, d / "garbage")
+    (r / "model.safetensors").write_bytes(b"\x00garbage" * 50)
+    p["garbage"] = str(r)
+    r = _clone(base_run, d / "truncated")
+    data = (r / "model.safetensors").read_bytes()
+    (r / "model.safetensors").write_bytes(data[: len(data) // 2])
+    p["truncated"] = str(r)
+    r = _clone(base_run, d / "no_weights")
+    (r / "model.safetensors").unlink()
+    p["no_weights"] = str(r)
+    r = _clone(base_run, d / "nan_weights")
+    _rewrite_weights(r, lambda sd: sd["head.weight"].__setitem__((0, 0), float("nan")))
+    p["nan_weights"] = str(r)
+    r = _clone(base_run, d / "shape")
+    _edit_config(r, lambda c: c["model"].update(dim=64))
+    p["shape_mismatch"] = str(r)
+    r = _clone(base_run, d / "replaced")
+    _rewrite_weights(r, lambda sd: sd["head.bias"].add_(0.5))
+    p["replaced_weights"] = str(r)
+    r = _clone(base_run, d / "pickle_weights")
+    torch.save({"head.weight": torch.zeros(2)}, r / "model.safetensors")
+    p["pickle_weights"] = str(r)
+    # masks
+    p["missing_masks"] = str(d / "masks_missing.json")
+    (d / "masks_bad.json").write_text("{oops")
+    p["bad_masks"] = str(d / "masks_bad.json")
+    (d / "masks_wrong.json").write_text(json.dumps({"T": 9, "n_full": 3, "mode": "drop", "sites": {"7": [[True]]}}))
+    p["wrong_masks"] = str(d / "masks_wrong.json")
+    # deployment files (export / run / inspect)
+    np.save(d / "img_big.npy", np.zeros((16, 16), np.float32))
+    p["img_big"] = str(d / "img_big.npy")
+    nan_img = np.zeros((8, 8), np.float32)
+    nan_img[1, 1] = np.nan
+    np.save(d / "img_nan.npy", nan_img)
+    p["img_nan"] = str(d / "img_nan.npy")
+    (d / "img_text.png").write_text("not a png")
+    p["img_text"] = str(d / "img_text.png")
+    p["img_missing"] = str(d / "img_missing.png")
+    (d / "garbage.onnx").write_bytes(b"\x08garbage" * 20)
+    p["garbage_onnx"] = str(d / "garbage.onnx")
+    (d / "garbage.nir").write_bytes(b"not hdf5 at all" * 10)
+    p["garbage_nir"] = str(d / "garbage.nir")
+    (d / "empty.nir").write_bytes(b"")
+    p["empty_nir"] = str(d / "empty.nir")
+    (d / "model.txt").write_text("a model?")
+    p["txt_model"] = str(d / "model.txt")
+    (d / "folder.nir").mkdir()
+    p["dir_nir"] = str(d / "folder.nir")
+    if "export" in main.commands:
+        r = CliRunner().invoke(main, ["export", str(base_run), "--to", "onnx", "--out", str(d / "m.onnx")])
+        if r.exit_code == 0:
+            p["onnx"] = str(d / "m.onnx")
+            data = (d / "m.onnx").read_bytes()
+            (d / "trunc.onnx").write_bytes(data[: len(data) // 3])
+            p["trunc_onnx"] = str(d / "trunc.onnx")
+    return p
+
+
+@pytest.fixture
+def paths(inputs, tmp_path):
+    (tmp_path / "a_file.txt").write_text("I am a regular file")
+    return {**inputs, "out": str(tmp_path / "out"), "out_json": str(tmp_path / "out" / "m.json"),
+            "under_file": str(tmp_path / "a_file.txt" / "out"), "existing_file": str(tmp_path / "a_file.txt"),
+            "ro": str(tmp_path / "ro"), "tmp": str(tmp_path)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the catalogue
+
+@dataclass
+class Case:
+    argv: list[str]
+    msg: str  # expected in the one error message (case-insensitive)
+    outputs: tuple[str, ...] = ()  # must not exist / hold no files afterwards
+    sim: str | None = None  # "disk_full" or "read_only"
+    setup: str | None = None  # "mkdir_ro": create the {ro} folder first
+
+
+T = ["train", "--quiet"]
+TINY = ["--dataset", "{tiny}", "--epochs", "1", "--batch-size", "16", "--threads", "1"]
+
+CASES: dict[str, dict[str, Case]] = {
+    "train": {
+        "unknown dataset": Case(T + ["--dataset", "mnist9", "--out", "{out}"], "unknown dataset", ("{out}",)),
+        "missing npz": Case(T + ["--dataset", "{missing_npz}", "--out", "{out}"], "not found", ("{out}",)),
+        "text file as npz": Case(T + ["--dataset", "{not_npz}", "--out", "{out}"], "cannot read", ("{out}",)),
+        "pickled npz refused": Case(T + ["--dataset", "{pickled_npz}", "--out", "{out}"], "cannot read", ("{out}",)),
+        "npz missing arrays": Case(T + ["--dataset", "{missing_key}", "--out", "{out}"], "must hold arrays", ("{out}",)),
+        "missing idx folder": Case(T + ["--dataset", "{missing_idx}", "--out", "{out}"], "not found", ("{out}",)),
+        "empty image folder": Case(T + ["--dataset", "{empty_image_folder}", "--out", "{out}"], "must contain",
+                                   ("{out}",)),
+        "empty train split": Case(T + ["--dataset", "{empty_train}", "--out", "{out}"], "train split is empty",
+                                  ("{out}",)),
+        "empty test split": Case(T + ["--dataset", "{empty_test}", "--out", "{out}"], "test split is empty",
+                                 ("{out}",)),
+        "NaN in images": Case(T + ["--dataset", "{nan_data}", "--out", "{out}"], "NaN", ("{out}",)),
+        "images/labels count": Case(T + ["--dataset", "{len_mismatch}", "--out", "{out}"], "labels", ("{out}",)),
+        "non-square images": Case(T + ["--dataset", "{not_square}", "--out", "{out}"], "square", ("{out}",)),
+        "unknown preset": Case(T + ["--model", "spikformer-huge", "--out", "{out}"], "spikformer-huge", ("{out}",)),
+        "unknown attention": Case(T + ["--attention", "softmax", "--out", "{out}"], "softmax", ("{out}",)),
+        "unknown prune method": Case(T + ["--prune", "magic", "--out", "{out}"], "magic", ("{out}",)),
+        "keep 0": Case(T + ["--keep", "0", "--out", "{out}"], "(0, 1]", ("{out}",)),
+        "keep > 1": Case(T + ["--keep", "1.5", "--out", "{out}"], "(0, 1]", ("{out}",)),
+        "keep NaN": Case(T + ["--keep", "nan", "--out", "{out}"], "(0, 1]", ("{out}",)),
+        "keep not a number": Case(T + ["--keep", "half", "--out", "{out}"], "not a valid float", ("{out}",)),
+        "epochs 0": Case(T + ["--epochs", "0", "--out", "{out}"], "--epochs", ("{out}",)),
+        "batch size 0": Case(T + ["--batch-size", "0", "--out", "{out}"], "--batch-size", ("{out}",)),
+        "negative lr": Case(T + ["--lr", "-0.1", "--out", "{out}"], "learning rate", ("{out}",)),
+        "NaN lr": Case(T + ["--lr", "nan", "--out", "{out}"], "learning rate", ("{out}",)),
+        "huge lr": Case(T + ["--lr", "1e38", "--out", "{out}"], "learning rate", ("{out}",)),
+        "T 0": Case(T + ["--T", "0", "--out", "{out}"], "--T", ("{out}",)),
+        "T too large": Case(T + ["--T", "500", "--out", "{out}"], "--T", ("{out}",)),
+        "site past last block": Case(T + TINY + ["--prune", "stata", "--keep", "0.5", "--sites", "9", "--out", "{out}"],
+                                     "pruning site 9", ("{out}",)),
+        "sites not integers": Case(T + ["--sites", "a,b", "--out", "{out}"], "block indices", ("{out}",)),
+        "unknown alignment": Case(T + TINY + ["--prune", "stata", "--keep", "0.5", "--align", "extra",
+                                              "--out", "{out}"], "unknown alignment", ("{out}",)),
+        "train limit 0": Case(T + ["--train-limit", "0", "--out", "{out}"], "--train-limit", ("{out}",)),
+        "negative checkpoint interval": Case(T + ["--checkpoint-every", "-1", "--out", "{out}"], "--checkpoint-every",
+                                             ("{out}",)),
+        "nproc 0": Case(T + ["--nproc", "0", "--out", "{out}"], "--nproc", ("{out}",)),
+        "cuda without a GPU": Case(T + ["--device", "cuda", "--out", "{out}"], "no CUDA device", ("{out}",)),
+        "threads 0": Case(T + ["--threads", "0", "--out", "{out}"], "--threads", ("{out}",)),
+        "missing --out": Case(T, "--out", ()),
+        "out is a file": Case(T + TINY + ["--out", "{existing_file}"], "is a file", ()),
+        "resume without a run": Case(T + TINY + ["--resume", "--out", "{out}"], "run folder not found", ("{out}",)),
+        "resume without checkpoints": Case(T + TINY + ["--resume", "--out", "{empty_dir}"], "no training checkpoint",
+                                           ()),
+    },
+    "eval": {
+        "missing run": Case(["eval", "{missing}"], "not found"),
+        "a file, not a run": Case(["eval", "{a_file}"], "not a stata-deploy run folder"),
+        "empty folder": Case(["eval", "{empty_dir}"], "config.json is missing"),
+        "config not JSON": Case(["eval", "{bad_json}"], "not valid JSON"),
+        "config not an object": Case(["eval", "{json_list}"], "JSON object"),
+        "foreign config format": Case(["eval", "{wrong_format}"], "not a stata-deploy config"),
+        "config field out of range": Case(["eval", "{bad_field}"], "heads must be a positive integer"),
+        "weights missing": Case(["eval", "{no_weights}"], "not found"),
+        "weights garbage": Case(["eval", "{garbage}"], "not a valid safetensors"),
+        "weights truncated": Case(["eval", "{truncated}"], "not a valid safetensors"),
+        "weights are a pickle": Case(["eval", "{pickle_weights}"], "refusing"),
+        "NaN in weights": Case(["eval", "{nan_weights}"], "NaN"),
+        "weights/config shapes": Case(["eval", "{shape_mismatch}"], "do not match"),
+        "weights replaced (sha256)": Case(["eval", "{replaced_weights}"], "sha256"),
+        "unknown dataset": Case(["eval", "{base}", "--dataset", "cifar99"], "unknown dataset"),
+        "image shape mismatch": Case(["eval", "{base}", "--dataset", "{big_images}"], "the model expects"),
+        "more classes than the model": Case(["eval", "{base}", "--dataset", "{many_classes}"], "classes"),
+        "NaN in test images": Case(["eval", "{base}", "--dataset", "{nan_data}"], "NaN"),
+        "empty test split": Case(["eval", "{base}", "--dataset", "{empty_test}"], "empty"),
+        "limit 0": Case(["eval", "{base}", "--limit", "0"], "--limit"),
+        "masks missing": Case(["eval", "{stata}", "--masks", "{missing_masks}"], "mask file not found"),
+        "masks not JSON": Case(["eval", "{stata}", "--masks", "{bad_masks}"], "not valid JSON"),
+        "masks for another model": Case(["eval", "{stata}", "--masks", "{wrong_masks}"], "mask"),
+    },
+    "prune": {
+        "missing run": Case(["prune", "{missing}", "--keep", "0.5", "--out", "{out}"], "not found", ("{out}",)),
+        "corrupted weights": Case(["prune", "{garbage}", "--keep", "0.5", "--out", "{out}"], "not a valid safetensors",
+                                  ("{out}",)),
+        "NaN in weights": Case(["prune", "{nan_weights}", "--keep", "0.5", "--out", "{out}"], "NaN", ("{out}",)),
+        "keep missing": Case(["prune", "{base}", "--out", "{out}"], "--keep", ("{out}",)),
+        "keep 0": Case(["prune", "{base}", "--keep", "0", "--out", "{out}"], "(0, 1]", ("{out}",)),
+        "keep > 1": Case(["prune", "{base}", "--keep", "3", "--out", "{out}"], "(0, 1]", ("{out}",)),
+        "start 0": Case(["prune", "{base}", "--keep", "0.5", "--start", "0", "--out", "{out}"], "--start", ("{out}",)),
+        "start past last block": Case(["prune", "{base}", "--keep", "0.5", "--start", "5", "--out", "{out}"],
+                                      "past the last block", ("{out}",)),
+        "unknown method": Case(["prune", "{base}", "--method", "magic", "--keep", "0.5", "--out", "{out}"], "magic",
+                               ("{out}",)),
+        "already pruned": Case(["prune", "{stata}", "--keep", "0.5", "--out", "{out}"], "already pruned", ("{out}",)),
+        "image shape mismatch": Case(["prune", "{base}", "--keep", "0.5", "--dataset", "{big_images}",
+                                      "--out", "{out}"], "the model expects", ("{out}",)),
+        "limit 0": Case(["prune", "{base}", "--keep", "0.5", "--limit", "0", "--out", "{out}"], "--limit", ("{out}",)),
+    },
+    "calibrate": {
+        "missing run": Case(["calibrate", "{missing}", "--out", "{out_json}"], "not found", ("{out_json}",)),
+        "weights truncated": Case(["calibrate", "{truncated}", "--out", "{out_json}"], "not a valid safetensors",
+                                  ("{out_json}",)),
+        "NaN in weights": Case(["calibrate", "{nan_weights}", "--out", "{out_json}"], "NaN", ("{out_json}",)),
+        "unpruned model": Case(["calibrate", "{base}", "--samples", "8", "--out", "{out_json}"], "nothing to calibrate",
+                               ("{out_json}",)),
+        "samples 0": Case(["calibrate", "{stata}", "--samples", "0", "--out", "{out_json}"], "--samples",
+                          ("{out_json}",)),
+        "image shape mismatch": Case(["calibrate", "{stata}", "--dataset", "{big_images}", "--out", "{out_json}"],
+                                     "the model expects", ("{out_json}",)),
+        "NaN in calibration data": Case(["calibrate", "{stata}", "--dataset", "{nan_data}", "--out", "{out_json}"],
+                                        "NaN", ("{out_json}",)),
+        "out is a folder": Case(["calibrate", "{stata}", "--samples", "8", "--out", "{tmp}"], "directory", ()),
+    },
+    "presets": {
+        "unknown option": Case(["presets", "--fast"], "no such option"),
+        "unexpected argument": Case(["presets", "spikformer-tiny"], "unexpected extra argument"),
+    },
+}
+
+CASES.update({
+    "export": {
+        "missing run": Case(["export", "{missing}", "--to", "onnx", "--out", "{out}/m.onnx"], "not found", ("{out}",)),
+        "unknown exporter": Case(["export", "{base}", "--to", "tflite", "--out", "{out}/m.x"], "tflite", ("{out}",)),
+        "weights garbage": Case(["export", "{garbage}", "--to", "onnx", "--out", "{out}/m.onnx"],
+                                "not a valid safetensors", ("{out}",)),
+        "weights are a pickle": Case(["export", "{pickle_weights}", "--to", "onnx", "--out", "{out}/m.onnx"],
+                                     "refusing", ("{out}",)),
+        "NaN in weights": Case(["export", "{nan_weights}", "--to", "onnx", "--out", "{out}/m.onnx"], "NaN", ("{out}",)),
+        "weights/config shapes": Case(["export", "{shape_mismatch}", "--to", "nir", "--out", "{out}/m.nir"],
+                                      "do not match", ("{out}",)),
+        "masks missing": Case(["export", "{stata}", "--to", "onnx", "--masks", "{missing_masks}", "--out",
+                               "{out}/m.onnx"], "not found", ("{out}",)),
+        "masks not JSON": Case(["export", "{stata}", "--to", "onnx", "--masks", "{bad_masks}", "--out", "{out}/m.onnx"],
+                               "not valid JSON", ("{out}",)),
+        "masks for another model": Case(["export", "{stata}", "--to", "onnx", "--masks", "{wrong_masks}", "--out",
+                                         "{out}/m.onnx"], "mask", ("{out}",)),
+        "dynamic masks, unpruned": Case(["export", "{base}", "--to", "onnx", "--masks", "dynamic", "--out",
+                                         "{out}/m.onnx"], "nothing dynamic", ("{out}",)),
+        "out is a folder": Case(["export", "{base}", "--to", "onnx", "--out", "{tmp}"], "directory", ()),
+    },
+    "run": {
+        "missing file": Case(["run", "{tmp}/nope.onnx"], "not found"),
+        "unknown runtime": Case(["run", "{onnx}", "--runtime", "tensorrt"], "tensorrt"),
+        "unknown suffix": Case(["run", "{txt_model}"], "runtime"),
+        "garbage onnx": Case(["run", "{garbage_onnx}", "--limit", "4"], "onnx"),
+        "truncated onnx": Case(["run", "{trunc_onnx}", "--limit", "4"], "onnx"),
+        "limit 0": Case(["run", "{onnx}", "--limit", "0"], "--limit"),
+        "batch size 0": Case(["run", "{onnx}", "--batch-size", "0"], "--batch-size"),
+        "timeout 0": Case(["run", "{onnx}", "--timeout", "0"], "--timeout"),
+        "unknown dataset": Case(["run", "{onnx}", "--dataset", "cifar99", "--limit", "4"], "unknown dataset"),
+        "dataset image shape": Case(["run", "{onnx}", "--dataset", "{big_images}", "--limit", "4"], "expects"),
+        "image missing": Case(["run", "{onnx}", "--image", "{img_missing}"], "not found"),
+        "image not an image": Case(["run", "{onnx}", "--image", "{img_text}"], "cannot read image"),
+        "image wrong shape": Case(["run", "{onnx}", "--image", "{img_big}"], "the model expects"),
+        "NaN in image": Case(["run", "{onnx}", "--image", "{img_nan}", "--repeat", "1"], "NaN"),
+    },
+    "energy": {
+        "missing run": Case(["energy", "{missing}"], "not found"),
+        "unknown hardware": Case(["energy", "{base}", "--hardware", "loihi9", "--limit", "4"], "loihi9"),
+        "missing baseline": Case(["energy", "{stata}", "--baseline", "{missing}", "--limit", "4"], "not found"),
+        "corrupted baseline": Case(["energy", "{stata}", "--baseline", "{truncated}", "--limit", "4"],
+                                   "not a valid safetensors"),
+        "NaN in weights": Case(["energy", "{nan_weights}", "--limit", "4"], "NaN"),
+        "limit 0": Case(["energy", "{base}", "--limit", "0"], "--limit"),
+        "static masks missing": Case(["energy", "{stata}", "--masks", "static", "--limit", "4"], "calibrate"),
+        "dataset image shape": Case(["energy", "{base}", "--dataset", "{big_images}", "--limit", "4"], "expects"),
+        "NaN in data": Case(["energy", "{base}", "--dataset", "{nan_data}", "--limit", "4"], "NaN"),
+    },
+    "inspect": {
+        "missing file": Case(["inspect", "{tmp}/nope.nir"], "not found"),
+        "not a .nir file": Case(["inspect", "{txt_model}"], ".nir"),
+        "garbage .nir": Case(["inspect", "{garbage_nir}"], "nir"),
+        "empty .nir": Case(["inspect", "{empty_nir}"], "nir"),
+        "a folder": Case(["inspect", "{dir_nir}"], "directory"),
+    },
+})
+for _cmd in [c for c in list(CASES) if c not in ("train", "eval", "prune", "calibrate", "presets")]:
+    if _cmd not in main.commands:  # a command not (yet) in this checkout
+        del CASES[_cmd]
+
+# Commands that write files: a valid command line ({target} = where it writes) -> simulated failures.
+WRITERS: dict[str, tuple[list[str], str]] = {
+    "train": (T + TINY + ["--train-limit", "16", "--out", "{target}"], "{target}"),
+    "prune": (["prune", "{base}", "--keep", "0.5", "--limit", "8", "--out", "{target}"], "{target}"),
+    "calibrate": (["calibrate", "{stata}", "--samples", "8", "--out", "{target}/masks.json"], "{target}"),
+    "export": (["export", "{base}", "--to", "onnx", "--out", "{target}/m.onnx"], "{target}"),
+    "energy": (["energy", "{base}", "--limit", "4", "--plot", "{target}/e.png"], "{target}"),
+}
+WRITERS = {k: v for k, v in WRITERS.items() if k in CASES}
+for _cmd, (_argv, _target) in WRITERS.items():
+    CASES[_cmd]["disk full (simulated)"] = Case(_argv, "No space left on device", (_target,), sim="disk_full")
+    CASES[_cmd]["read-only output folder (simulated)"] = Case(_argv, "Read-only file system", (_target,),
+                                                               sim="read_only")
+    CASES[_cmd]["read-only existing folder (simulated)"] = Case(_argv, "Read-only file system", (_target,),
+                                                                sim="read_only", setup="mkdir_ro")
+    CASES[_cmd]["output under a regular file"] = Case([a.replace("{target}", "{under_file}") for a in _argv],
+                                                      "Not a directory", ())
+
+PARAMS = [pytest.param(cmd, name, case, id=f"{cmd}: {name}") for cmd, cases in CASES.items()
+          for name, case in cases.items()]
+
+
+def _fill(s: str, p: dict) -> str:
+    return s.replace("{target}", "{ro}").format(**p)
+
+
+def _error_lines(output: str) -> list[str]:
+    lines = [l.strip() for l in re.split(r"[\r\n]", output)]
+    return [l for l in lines if l.lower().startswith("error:") or l.startswith("rank ")]
+
+
+@pytest.mark.parametrize("cmd,name,case", PARAMS)
+def test_bad_input(cmd, name, case, paths, tmp_path, monkeypatch):
+    if any("{onnx}" in a or "{trunc_onnx}" in a for a in case.argv) and "onnx" not in paths:
+        pytest.skip("no ONNX export available in this checkout to feed `run`")
+    argv = [_fill(a, paths) for a in case.argv]
+    outputs = [Path(_fill(o, paths)) for o in case.outputs]
+    if case.setup == "mkdir_ro":
+        Path(paths["ro"]).mkdir()
+    sim = contextlib.nullcontext()
+    if case.sim == "disk_full":
+        sim = disk_full(monkeypatch)
+    elif case.sim == "read_only":
+        sim = read_only(monkeypatch, Path(paths["ro"]))
+    with sim:
+        r = CliRunner().invoke(main, argv)
+    out = r.output
+    assert r.exit_code != 0 and r.exit_code is not None, f"exit 0 for {argv}:\n{out}"
+    assert isinstance(r.exception, SystemExit), f"unexpected {r.exception!r}:\n{out}"
+    assert "Traceback" not in out and "internal error" not in out, out
+    errors = _error_lines(out)
+    assert len(errors) == 1, f"expected one error line, got:\n{out}"
+    assert case.msg.lower() in errors[0].lower(), f"{case.msg!r} not in {errors[0]!r}"
+    for o in outputs:  # no partial output
+        files = [p for p in o.rglob("*") if p.is_file()] if o.is_dir() else ([o] if o.exists() else [])
+        assert not files, f"partial output left: {files}"
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".write-test")]
+    assert not leftovers, leftovers
+    for src in ("base", "stata"):  # inputs are never modified
+        assert not list(Path(paths[src]).glob(".*.tmp"))
+
+
+def test_catalogue_covers_every_command():
+    """Every registered command has cases here (a new command fails this until someone adds its bad inputs)."""
+    missing = sorted(set(main.commands) - set(CASES))
+    assert not missing, f"no bad-input cases for: {', '.join(missing)}"
+    counts = {c: len(v) for c, v in CASES.items()}
+    print("bad inputs per command:", json.dumps(counts))
+    assert all(n >= 2 for n in counts.values())
