@@ -113,3 +113,22 @@ def test_bad_inputs_one_line_exit_2(onnx_file, run_dir, tmp_path):
         assert msg in r.output, (args, r.output)
         assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
+
+
+@pytest.mark.parametrize("runtime", ["nir", "lava"])
+def test_run_nir_file_compare_torch(run_dir, runtime):
+    """The demo's path: export --to nir, then run the .nir file on our reader and on Lava, --compare torch."""
+    if runtime == "lava":
+        pytest.importorskip("lava", reason="Lava is not installed (bash scripts/install_lava.sh .venv)")
+    nir_file = run_dir / "model.nir"
+    if not nir_file.exists():
+        r = cli("export", run_dir, "--to", "nir", "--json")
+        assert r.exit_code == 0, r.output
+    r = cli("run", nir_file, "--runtime", runtime, "--dataset", "digits", "--limit", 32, "--batch-size", 16,
+            "--compare", "torch", "--json")
+    assert r.exit_code == 0, r.output
+    res = last_json(r)
+    assert res["samples"] == 32 and res["sops"] > 0
+    assert res["spike_mismatches"] == 0 and res["spikes_compared"] > 100_000 and res["prediction_agreement"] == 1.0
+    t = last_json(cli("run", run_dir, "--runtime", "torch", "--dataset", "digits", "--limit", 32, "--json"))
+    assert res["sops"] == pytest.approx(t["sops"], rel=1e-9) and res["accuracy"] == t["accuracy"]
