@@ -32,16 +32,31 @@ def _need_info(info: AttnInfo | None, method: str) -> AttnInfo:
     return info
 
 
+def _tie_break(primary: torch.Tensor, x: torch.Tensor, info: AttnInfo) -> torch.Tensor:
+    """primary + a tie-break by token activity (l1 of x over channels) that never reorders distinct primaries.
+
+    The anchor row of spiking Q, K is a multiple of scale/heads (integer dot products of binary spikes), and the
+    anchor's Q is often silent: many tokens then tie, most at exactly 0, and top-k would keep whichever positions it
+    meets first (a fixed corner of the image). Among tied tokens the more active one wins; the added term is below
+    1e-3 * scale / heads, so a strictly higher anchor score always wins.
+    """
+    act = x.detach().abs().sum(-1)  # (T, B, n) or (B, n), same shape as primary
+    tie = act / (act.amax(-1, keepdim=True) + 1.0)  # in [0, 1)
+    return primary + tie * (1e-3 * info.scale / info.q.shape[2])
+
+
 @SCORERS.register("stata")
 def score_stata(x, info, generator=None, grid=None):
-    """Timestep-wise anchor token: the anchor's attention row per timestep, mean over heads."""
-    return _need_info(info, "stata").anchor_row(), True
+    """Timestep-wise anchor token: the anchor's attention row per timestep, mean over heads (ties: activity)."""
+    info = _need_info(info, "stata")
+    return _tie_break(info.anchor_row(), x, info), True
 
 
 @SCORERS.register("anchor")
 def score_anchor(x, info, generator=None, grid=None):
-    """Anchor token without the timestep-wise split (AT): anchor row averaged over timesteps."""
-    return _need_info(info, "anchor").anchor_row().mean(0), False
+    """Anchor token without the timestep-wise split (AT): anchor row averaged over timesteps (ties: activity)."""
+    info = _need_info(info, "anchor")
+    return _tie_break(info.anchor_row().mean(0), x.mean(0), info), False
 
 
 @SCORERS.register("random")

@@ -118,3 +118,25 @@ def test_static_masks_reproduce_their_token_sets(digits):
     for site, mask in masks.sites.items():
         for t in range(cfg.T):
             assert out.kept[site][t, 0].tolist() == mask[t].nonzero()[0].tolist()
+
+
+def test_anchor_scorers_break_ties_by_activity_never_against_the_score():
+    from stata_deploy.attention import AttnInfo
+    from stata_deploy.pruning import SCORERS, select_topk
+
+    T, B, H, n, dh = 2, 1, 2, 6, 4
+    q = torch.zeros(T, B, H, n, dh)  # silent anchor query: every anchor score ties at 0
+    k = torch.zeros(T, B, H, n, dh)
+    x = torch.zeros(T, B, n, 8)
+    x[:, 0, 4, :6] = 1.0  # the most active image tokens: slots 4, then 5
+    x[:, 0, 5, :3] = 1.0
+    x[:, 0, 1, :1] = 1.0
+    info = AttnInfo(q, k, 0.125)
+    for method in ("stata", "anchor"):
+        scores, tw = SCORERS.get(method)(x, info)
+        assert select_topk(scores, tw, T, 0.4, 1)[:, 0].tolist() == [[0, 4, 5]] * T, method
+    # a strictly higher anchor score wins over any activity: the anchor attends to slot 2 at t=1 only
+    q[1, 0, :, 0, 0] = 1.0
+    k[1, 0, :, 2, 0] = 1.0
+    scores, tw = SCORERS.get("stata")(x, AttnInfo(q, k, 0.125))
+    assert select_topk(scores, tw, T, 0.4, 1)[:, 0].tolist() == [[0, 4, 5], [0, 2, 4]]
