@@ -72,6 +72,11 @@ class CountError(StataError):
     """The RunResult does not describe the model (a layer's spikes or a site's kept tokens are missing)."""
 
 
+# The counts reported per layer and in total (to_dict of LayerOps and OpsReport), in this order.
+_REPORTED = ("macs", "acs", "attention_ops", "attention_acs", "attention_macs", "compares", "neuron_updates",
+             "idle_neuron_updates", "spikes", "firing_rate", "events")
+
+
 @dataclass
 class LayerOps:
     """Op counts of one layer (a synaptic op with the neuron layer it drives), per inference.
@@ -122,24 +127,8 @@ class LayerOps:
         return self._get(_FIELD[op])
 
     def to_dict(self) -> dict:
-        d = {
-            "name": self.name,
-            "kind": self.kind,
-            "neuron": self.neuron,
-            "fan_out": self.fan_out,
-            "macs": self.macs,
-            "acs": self.acs,
-            "attention_ops": self.attention_ops,
-            "attention_acs": self.attention_acs,
-            "attention_macs": self.attention_macs,
-            "compares": self.compares,
-            "neuron_updates": self.neuron_updates,
-            "idle_neuron_updates": self.idle_neuron_updates,
-            "spikes": self.spikes,
-            "firing_rate": self.firing_rate,
-            "ops": self.ops,
-            "events": self.events,
-        }
+        d = {"name": self.name, "kind": self.kind, "neuron": self.neuron, "fan_out": self.fan_out,
+             **{f: getattr(self, f) for f in _REPORTED}, "ops": self.ops}
         d["per_timestep"] = {f: v.tolist() for f, v in self.counts_t.items()}
         return d
 
@@ -189,23 +178,8 @@ class OpsReport:
         return {op: self._sum(_FIELD[op]) for op in OP_KINDS}
 
     def to_dict(self) -> dict:
-        return {
-            "samples": self.samples,
-            "T": self.T,
-            "macs": self.macs,
-            "acs": self.acs,
-            "attention_ops": self.attention_ops,
-            "attention_acs": self.attention_acs,
-            "attention_macs": self.attention_macs,
-            "compares": self.compares,
-            "neuron_updates": self.neuron_updates,
-            "idle_neuron_updates": self.idle_neuron_updates,
-            "spikes": self.spikes,
-            "firing_rate": self.firing_rate,
-            "sops": self.sops,
-            "events": self.events,
-            "layers": [l.to_dict() for l in self.layers],
-        }
+        return {"samples": self.samples, "T": self.T, **{f: getattr(self, f) for f in _REPORTED}, "sops": self.sops,
+                "layers": [l.to_dict() for l in self.layers]}
 
     @staticmethod
     def merge(reports: list["OpsReport"]) -> "OpsReport":
@@ -525,8 +499,9 @@ def _score(c: _Counter, p: str, method: str, x: torch.Tensor, prev, k_img: int, 
         H, n = q.shape[2], q.shape[3]
         att += _matmul_pairs(_nz(q[:, :, :, :1]), _nz(k).transpose(-1, -2))  # Q_0 K^T per head
         acs += float(B * H * n)  # mean over heads
+        acs += _per_t(_nz(x)) + float(2 * B * n)  # tie-break: token activity (|x| over channels), scaled, added
         if method == "anchor":
-            acs += float(B * n)  # mean over timesteps
+            acs += float(2 * B * n)  # mean over timesteps of the score and of the activity
     elif method == "ssa":
         q, k = prev
         H, n = q.shape[2], q.shape[3]
