@@ -127,8 +127,19 @@ def median(xs):
 
 
 def peak_rss_bytes() -> int:
-    """High-water mark of this process's resident set (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """High-water mark of this process's resident set: VmHWM of its address space.
+
+    Not ``getrusage().ru_maxrss``: Linux carries that over fork + execve, so a child started by a process that had
+    reached 6 GB would report 6 GB whatever it used itself. VmHWM belongs to the address space that execve creates.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: the best there is
 
 
 def current_rss_bytes() -> int:
