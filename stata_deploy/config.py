@@ -139,7 +139,7 @@ PRESETS: Registry[dict] = Registry("model preset")
 
 # Tiny / small: tests, the demo, Fashion-MNIST. Paper shapes: speed benchmarks.
 PRESETS.register("spikformer-tiny", dict(dim=32, depth=2, heads=2, T=4, pool_stages=0))
-PRESETS.register("spikformer-small", dict(dim=32, depth=2, heads=4, T=4, pool_stages=2))  # 2-core CPU: F-MNIST in minutes
+PRESETS.register("spikformer-small", dict(dim=32, depth=2, heads=4, T=4, pool_stages=2, img_size=28))  # F-MNIST (28x28 -> 7x7 tokens)
 PRESETS.register("sdt-tiny", dict(dim=32, depth=2, heads=2, T=4, pool_stages=0, attention="sdsa"))
 PRESETS.register("a2os2a-tiny", dict(dim=32, depth=2, heads=2, T=4, pool_stages=0, attention="a2os2a"))
 PRESETS.register("spikformer-4-384", dict(dim=384, depth=4, heads=12, T=4, pool_stages=2, img_size=32, in_channels=3))
