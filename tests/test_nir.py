@@ -172,9 +172,14 @@ def test_masks_remove_tokens_structurally(tmp_path, xcal):
     model, masks = model_for("spikformer-tiny", "stata", xcal)
     full = inspect(_export(tmp_path / "full.nir", model, TokenMasks({}, masks.n_full, masks.T)))
     pruned = inspect(_export(tmp_path / "pruned.nir", model, masks))
-    tv = inspect(_export(tmp_path / "tv.nir", model, time_varying(model.cfg)))
+    tvm = time_varying(model.cfg)
+    tv = inspect(_export(tmp_path / "tv.nir", model, tvm))
+    same = TokenMasks({1: np.broadcast_to(tvm.sites[1][:1], tvm.sites[1].shape).copy()}, tvm.n_full, tvm.T)
+    structural = inspect(_export(tmp_path / "structural.nir", model, same))  # tv's t=0 set at every timestep
     assert pruned["neurons"] < full["neurons"] and pruned["synapses"] < full["synapses"]
-    assert pruned["neurons"] < tv["neurons"] < full["neurons"]  # union of a time-varying schedule is larger
+    # the graph holds the union over timesteps: 33 tokens at every step < a 39-token union < all 65
+    assert structural["neurons"] < tv["neurons"] < full["neurons"]
+    assert structural["masks"]["segments"]["site1"]["tokens_in_graph"] == 33
     seg = tv["masks"]["segments"]["site1"]
     assert seg["time_varying"] and seg["kept_per_timestep"] == [33] * 4 and seg["tokens_in_graph"] == 39
     assert pruned["lossless_rewrite"] and tv["lossless_rewrite"]
