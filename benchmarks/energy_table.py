@@ -28,6 +28,7 @@ def main():
     ap.add_argument("--method", default="stata")
     ap.add_argument("--limit", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dataset", default=None, help="Test data (default: the dataset the base run was trained on).")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -38,15 +39,19 @@ def main():
     from stata_deploy.model import build_model
     from stata_deploy.sops import OpsReport, count_ops
 
-    ds = load_dataset("digits")
+    from stata_deploy.commands.train_cmds import check_data_fits
+
     base_dir = args.base
     if base_dir is None:
         from stata_deploy.train import TrainConfig, train
 
         train(TrainConfig(dataset="digits", model="spikformer-tiny", prune="stata", keep=1.0, epochs=args.train_epochs,
-                          out=args.out, progress=False), ds=ds, log=lambda s: None)
+                          out=args.out, progress=False), ds=load_dataset("digits"), log=lambda s: None)
         base_dir = args.out
-    base, _ = load_model(base_dir)
+    base, meta = load_model(base_dir)
+    dataset = args.dataset or meta.get("train", {}).get("dataset") or "digits"  # the data the run was trained on
+    ds = load_dataset(dataset, T=base.cfg.T)
+    check_data_fits(base.cfg, ds)
     x, y = ds.x_test[: args.limit], ds.y_test[: args.limit]
     profiles = [load_profile("45nm"), load_profile("loihi")]
     rows = []
@@ -64,7 +69,7 @@ def main():
         rep = OpsReport.merge(reps)
         rows.append((g, rep, correct / len(y), [estimate_energy(rep, p).total_mj for p in profiles], cfg))
     ref = next(r for r in rows if r[0] == 1.0) if any(r[0] == 1.0 for r in rows) else rows[-1]
-    print(f"base {base_dir}; {len(y)} digits test images; method {args.method} (dynamic), sites "
+    print(f"base {base_dir}; {len(y)} {ds.name} test images; method {args.method} (dynamic), sites "
           f"{rows[0][4].prune.resolved_sites(rows[0][4].depth)}, depth {rows[0][4].depth}")
     print(f"{'gamma':>6s} {'acc':>6s} {'OPs/inf':>12s} {'OPs ratio':>9s} {'attn ops':>10s} {'E 45nm mJ':>11s} "
           f"{'ratio':>7s} {'E loihi mJ':>11s} {'ratio':>7s}")
