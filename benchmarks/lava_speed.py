@@ -29,29 +29,12 @@ sys.path.insert(0, str(ROOT))
 def lively(preset: str, prune: bool, seed: int = 0):
     from stata_deploy.config import make_config
     from stata_deploy.model import build_model
-    from stata_deploy.pruning import TokenMasks
+    from stata_deploy.testing import liven_batchnorm, random_timestep_masks
 
     torch.manual_seed(seed)
     cfg = make_config(preset, img_size=8, in_channels=1, anchor=True)
-    model = build_model(cfg).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                m.running_mean.zero_()
-                m.running_var.fill_(1.0)
-                m.weight.copy_(3.0 + 3.0 * torch.rand(m.weight.shape, generator=g))
-                m.bias.copy_(0.6 * torch.randn(m.bias.shape, generator=g) + 0.4)
-    masks = None
-    if prune:
-        rng = np.random.default_rng(seed)
-        T, n = cfg.T, cfg.num_tokens
-        k = max(1, int(round(0.5 * (n - 1))))
-        mk = np.zeros((T, n), dtype=bool)
-        for t in range(T):
-            mk[t, 0] = True
-            mk[t, 1 + rng.choice(n - 1, k, replace=False)] = True
-        masks = TokenMasks({max(1, cfg.depth // 3): mk}, n, T, "drop")
+    model = liven_batchnorm(build_model(cfg).eval(), seed)
+    masks = random_timestep_masks(cfg, max(1, cfg.depth // 3), 0.5, seed) if prune else None
     return model, masks
 
 

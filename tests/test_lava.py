@@ -26,33 +26,18 @@ BATCH = 16
 def lively_model(attention: str, seed: int = 0, anchor: bool = True, depth: int = 2):
     from stata_deploy.config import make_config
     from stata_deploy.model import build_model
+    from stata_deploy.testing import liven_batchnorm
 
     torch.manual_seed(seed)
     cfg = make_config("spikformer-tiny", attention=attention, anchor=anchor, depth=depth)
-    model = build_model(cfg).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                m.running_mean.zero_()
-                m.running_var.fill_(1.0)
-                m.weight.copy_(3.0 + 3.0 * torch.rand(m.weight.shape, generator=g))
-                m.bias.copy_(0.6 * torch.randn(m.bias.shape, generator=g) + 0.4)
-    return model
+    return liven_batchnorm(build_model(cfg).eval(), seed)
 
 
 def random_masks(cfg, seed: int = 0, keep: float = 0.5):
     """Nested, per-timestep (time-varying) static masks at block 1, anchor always kept."""
-    from stata_deploy.pruning import TokenMasks
+    from stata_deploy.testing import random_timestep_masks
 
-    rng = np.random.default_rng(seed)
-    T, n = cfg.T, cfg.num_tokens
-    k = int(round(keep * (n - 1)))
-    m = np.zeros((T, n), dtype=bool)
-    for t in range(T):
-        m[t, 0] = True
-        m[t, 1 + rng.choice(n - 1, k, replace=False)] = True
-    return TokenMasks({1: m}, n, T, "drop")
+    return random_timestep_masks(cfg, 1, keep, seed)
 
 
 def compare(ref, res):
