@@ -9,7 +9,9 @@ Ties: snntorch fires at v > threshold, SpikingJelly/our torch model at v >= thre
 threshold exactly (e.g. LIF_0.5 on an integer token sum), so each case is also compared with our own reader run with
 the strict rule: zero mismatches there means the tie rule is the only difference.
 
-Usage: python benchmarks/nir_peer_parity.py [--samples 300]
+Usage: python benchmarks/nir_peer_parity.py [--samples 300] [--run RUN]
+  --run RUN: part 1 on a trained run (e.g. `stata-deploy train --model sdt-tiny --out RUN`; its RUN/masks.json is
+  used when present) instead of an untrained lively sdt-tiny.
 Install snntorch without torch: pip install --no-deps snntorch==1.0.0 nirtorch==2.6
 Last line: key=value headline.
 """
@@ -92,6 +94,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=300)
     ap.add_argument("--chunk", type=int, default=50)
+    ap.add_argument("--run", default=None, help="a trained run folder for part 1 (default: a lively sdt-tiny)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     try:
@@ -110,16 +113,29 @@ def main():
     head = {}
     tmp = Path(tempfile.mkdtemp())
     # ---------------- 1. SDSA, complete graph
-    model, _ = lively_model("sdt-tiny", x_cal=xcal)
+    masks = None
+    if args.run:
+        from stata_deploy.checkpoint import load_model
+        from stata_deploy.pruning import TokenMasks
+
+        model, _ = load_model(args.run)
+        if (Path(args.run) / "masks.json").is_file():
+            masks = TokenMasks.load(Path(args.run) / "masks.json")
+    else:
+        model, _ = lively_model("sdt-tiny", x_cal=xcal)
     path = str(tmp / "sdt.nir")
-    NirExporter().export(model, None, Path(path))
+    NirExporter().export(model, masks, Path(path))
     G = read_graph(path)
     ref_sp, peer_sp, strict_sp = {}, {}, {}
+    agree: list = []
     t0 = time.perf_counter()
     for i in range(0, len(x), args.chunk):
         xb = x[i:i + args.chunk]
-        ref = run_torch(model, torch.as_tensor(xb)).spikes
-        peer, _ = snntorch_run(path, xb, model.cfg.T, list(ref))
+        ref_res = run_torch(model, torch.as_tensor(xb), masks)
+        ref = ref_res.spikes
+        peer, peer_out = snntorch_run(path, xb, model.cfg.T, list(ref))
+        peer_pred = torch.stack(peer_out).mean(0).reshape(len(xb), -1).argmax(-1).numpy()
+        agree.append(peer_pred == ref_res.predictions)
         strict = execute(G, xb, strict_ties=True).spikes
         for k in ref:
             ref_sp.setdefault(k, []).append(ref[k])
@@ -135,7 +151,10 @@ def main():
         print(f"  {k:28s} {v:8d} / {ref_sp[k].size}")
     print(f"  snntorch vs torch: {tot} of {n} spikes differ ({roots} flips start a divergence; the rest propagate)")
     print(f"  snntorch vs our reader with the strict tie rule (v > th): {tot_strict} differ")
-    head.update(sdsa_mismatches=tot, sdsa_spikes=n, sdsa_root_flips=roots, sdsa_mismatches_strict_reader=tot_strict)
+    agreement = float(np.concatenate(agree).mean())
+    print(f"  prediction agreement snntorch vs torch: {agreement:.4f}")
+    head.update(sdsa_mismatches=tot, sdsa_spikes=n, sdsa_root_flips=roots, sdsa_mismatches_strict_reader=tot_strict,
+                sdsa_agreement=agreement)
     # ---------------- 2. SSA: the stem segment of --split
     model, _ = lively_model("spikformer-tiny", x_cal=xcal)
     path = str(tmp / "ssa.nir")

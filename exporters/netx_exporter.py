@@ -22,14 +22,14 @@ layer of netx is a neuron layer, whereas our first convolution takes the real-va
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import numpy as np
 
 from stata_deploy.errors import StataError, UnsupportedOpError
 from stata_deploy.exporter_api import Exporter
+from stata_deploy.fileio import atomic_write_bytes
 from stata_deploy.pruning import TokenMasks
 
 W_SCALE = 64  # 2**6: fixed-point scale of weights, biases and thresholds
@@ -103,42 +103,35 @@ class NetxExporter(Exporter):
             raise UnsupportedOpError(f"netx cannot hold {', '.join(pools)} (netx 'pool' layers are not "
                                      "implemented); a stem without pooling (pool_stages=0) exports")
         out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        os.close(fd)
         layers, clipped = [], {}
-        try:
-            with h5py.File(tmp, "w") as f:
-                f.attrs["generator"] = "stata-deploy netx exporter"
-                f.attrs["scope"] = "SPS stem of " + cfg.name
-                L = f.create_group("layer")
-                g0 = L.create_group("0")
-                g0.create_dataset("type", data=np.array([b"input"]))
-                g0.create_dataset("shape", data=np.array([cfg.in_channels, cfg.img_size, cfg.img_size]))
-                _neuron(g0, 1.0, 2.0)
-                layers.append("input")
-                H = cfg.img_size
-                for i, st in enumerate(model.stem.stages):
-                    w, b = _fold(st.conv.conv, st.conv.bn)
-                    gi = L.create_group(str(i + 1))
-                    gi.create_dataset("type", data=np.array([b"conv"]))
-                    gi.create_dataset("shape", data=np.array([w.shape[0], H, H]))
-                    wq, cw = _quant(w, st.lif.tau)
-                    bq, cb = _quant(b, st.lif.tau)
-                    gi.create_dataset("weight", data=wq)
-                    gi.create_dataset("bias", data=bq)
-                    gi.create_dataset("stride", data=np.array([1, 1]))
-                    gi.create_dataset("padding", data=np.array([1, 1]))
-                    gi.create_dataset("dilation", data=np.array([1, 1]))
-                    gi.create_dataset("groups", data=np.int64(1))
-                    _neuron(gi, st.lif.v_th, st.lif.tau)
-                    layers.append(f"stem.stages.{i}")
-                    clipped[f"stem.stages.{i}"] = max(cw, cb)
-            os.replace(tmp, out)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        buf = io.BytesIO()  # h5py writes into memory; stata_deploy.fileio writes the bytes atomically
+        with h5py.File(buf, "w") as f:
+            f.attrs["generator"] = "stata-deploy netx exporter"
+            f.attrs["scope"] = "SPS stem of " + cfg.name
+            L = f.create_group("layer")
+            g0 = L.create_group("0")
+            g0.create_dataset("type", data=np.array([b"input"]))
+            g0.create_dataset("shape", data=np.array([cfg.in_channels, cfg.img_size, cfg.img_size]))
+            _neuron(g0, 1.0, 2.0)
+            layers.append("input")
+            H = cfg.img_size
+            for i, st in enumerate(model.stem.stages):
+                w, b = _fold(st.conv.conv, st.conv.bn)
+                gi = L.create_group(str(i + 1))
+                gi.create_dataset("type", data=np.array([b"conv"]))
+                gi.create_dataset("shape", data=np.array([w.shape[0], H, H]))
+                wq, cw = _quant(w, st.lif.tau)
+                bq, cb = _quant(b, st.lif.tau)
+                gi.create_dataset("weight", data=wq)
+                gi.create_dataset("bias", data=bq)
+                gi.create_dataset("stride", data=np.array([1, 1]))
+                gi.create_dataset("padding", data=np.array([1, 1]))
+                gi.create_dataset("dilation", data=np.array([1, 1]))
+                gi.create_dataset("groups", data=np.int64(1))
+                _neuron(gi, st.lif.v_th, st.lif.tau)
+                layers.append(f"stem.stages.{i}")
+                clipped[f"stem.stages.{i}"] = max(cw, cb)
+        atomic_write_bytes(out, buf.getvalue())
         return {
             "path": str(out),
             "format": "lava-dl netx HDF5 (fixed point, CUBA neurons)",

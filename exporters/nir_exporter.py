@@ -6,7 +6,11 @@ the graph metadata under ``"stata_deploy"`` (a JSON string); ``runtimes.nir_grap
 semantics. The lowering:
 
 - LIF (SpikingJelly form, tau in steps) -> ``nir.LIF(tau=tau_steps*NIR_DT, r=1, v_leak=V_reset, v_reset=V_reset,
-  v_threshold=V_th)`` with float64 parameters; under forward Euler with step NIR_DT this is the same update.
+  v_threshold=nir_threshold(V_th))`` with float64 parameters; under forward Euler with step NIR_DT this is the same
+  update. Thresholds: NIR's spike rule is strict (``z = v > v_threshold``, the docstrings of nir.LIF / CubaLIF /
+  Threshold), the model fires at ``v >= V_th``; the file holds the next float32 below V_th, so that ``v > that`` is
+  exactly ``v >= V_th`` for every float32 v (snnTorch 1.0.0 on a trained sdt-tiny: 6.8 % of spikes flipped with
+  ``V_th`` written as is, 0 with this encoding).
 - BatchNorm is folded into the preceding Conv2d / Linear (weights and biases in float64).
 - The SPS stem: Conv2d / LIF nodes on (C, H, W) maps; a max-pool of binary spikes is a SumPool2d followed by a
   memoryless gate (LIF with tau = NIR_DT, threshold 0.5: "any spike in the window"); the RPE residual sum is two
@@ -32,9 +36,7 @@ semantics. The lowering:
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,13 @@ from stata_deploy.pruning import TokenMasks
 NIR_DT = 1e-4  # the Euler step every LIF's tau is expressed in (tau = tau_steps * NIR_DT); the one place it is set
 GATE_TH = 1.5  # threshold of the memoryless AND gate on a + b for binary a, b
 FORMAT_VERSION = 1
+
+
+def nir_threshold(v_th) -> np.ndarray:
+    """The NIR ``v_threshold`` for a neuron that fires at ``v >= v_th``: NIR fires at ``v > v_threshold``, and in
+    float32 ``v > nextafter(v_th, -inf)`` is exactly ``v >= v_th``. Returned as float64 (exact)."""
+    th = np.asarray(v_th, dtype=np.float32)
+    return np.nextafter(th, np.float32(-np.inf)).astype(np.float64)
 
 
 def _f64(a) -> np.ndarray:
@@ -133,7 +142,7 @@ class _Builder:
             tau=np.full(shape, tau_steps * NIR_DT, dtype=np.float64),
             r=np.ones(shape, dtype=np.float64),
             v_leak=np.full(shape, v_reset, dtype=np.float64),
-            v_threshold=np.full(shape, v_th, dtype=np.float64),
+            v_threshold=np.full(shape, nir_threshold(v_th), dtype=np.float64),
             v_reset=np.full(shape, v_reset, dtype=np.float64),
         )
         return self.add(name, node, inputs, layer=layer, layout=layout, tokens=tokens, role=role)
@@ -338,7 +347,7 @@ def _selection(cur: np.ndarray, keep_pos: np.ndarray) -> np.ndarray:
     return mat
 
 
-def build_graph(model, masks: TokenMasks | None, run_dir: str | None = None):
+def build_graph(model, masks: TokenMasks | None, run_dir: str | None = None, weights_sha256: str | None = None):
     """Lower ``model`` (+ static masks) to (nir.NIRGraph, description dict)."""
     import nir
 
@@ -410,6 +419,7 @@ def build_graph(model, masks: TokenMasks | None, run_dir: str | None = None):
         b.conv("head", [mt], (1, 1), W[:, :, None, None], _f64(model.head.bias))
     b.add("logits", nir.Output(output_type={"output": np.array([W.shape[0], 1, 1])}), ["head"])
     desc = _describe(b, model, masks, run_dir, time_varying, skip)
+    desc["weights_sha256"] = weights_sha256  # --compare torch refuses a run with other weights
     graph = nir.NIRGraph(nodes=b.nodes, edges=b.edges, metadata={"stata_deploy": json.dumps(desc)})
     return graph, desc
 
@@ -449,7 +459,8 @@ def _describe(b, model, masks, run_dir, time_varying, skip) -> dict:
         "encoding": "direct: the same image (C, H, W) is presented at every one of the T timesteps",
         "readout": "logits = mean over the T timesteps of output port 'logits' (classes, 1, 1)",
         "timing": "zero delay: every node is evaluated once per timestep in topological order",
-        "neuron": "nir.LIF under forward Euler with step dt; spike at v >= v_threshold (ties: >=), hard reset",
+        "neuron": "nir.LIF under forward Euler with step dt; spike at v > v_threshold (NIR's rule; v_threshold is the "
+                  "float32 below the model's V_th, so this is the model's v >= V_th), hard reset",
         "layout": "token part: (D, 1, n) rows, token axis last; Affine acts on the last axis (batched leading axes)",
         "host_ops": b.host_ops,
         "token_segments": b.segments,
@@ -543,25 +554,12 @@ def _topo(nodes, preds, host_outs):
 
 # ------------------------------------------------------------------------------------------------ writing
 def write_nir_atomic(graph, path: Path) -> None:
-    """nir.write to a temp file in the same folder, then rename: no partial .nir is ever left behind."""
+    """nir.write into memory (h5py), then one atomic write: a full disk is one error, never a crash in HDF5."""
     import nir
 
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise StataError(f"cannot create folder {path.parent}: {e.strerror or e}") from None
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        nir.write(tmp, graph)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise StataError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from stata_deploy.fileio import write_via_buffer
+
+    write_via_buffer(Path(path), lambda buf: nir.write(buf, graph))
 
 
 def summarize(graph) -> dict:
@@ -591,10 +589,11 @@ def summarize(graph) -> dict:
 class NirExporter(Exporter):
     name = "nir"
     suffix = ".nir"
+    accepts = ("split",)
 
     def export(self, model, masks: TokenMasks | None, out: Path, **options) -> dict:
         out = Path(out)
-        graph, desc = build_graph(model, masks, options.get("run_dir"))
+        graph, desc = build_graph(model, masks, options.get("run_dir"), options.get("weights_sha256"))
         write_nir_atomic(graph, out)
         files = [str(out)]
         if options.get("split"):

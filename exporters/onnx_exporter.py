@@ -195,7 +195,7 @@ class OnnxExporter(Exporter):
 
     def export(self, model, masks: TokenMasks | None, out: Path, dynamic_masks: bool = False,
                run_dir: str | Path | None = None, external_data: bool | None = None, opset: int = OPSET,
-               **options) -> dict:
+               weights_sha256: str | None = None, **options) -> dict:
         """Export ``model`` with static ``masks`` (or, with ``dynamic_masks=True`` and no masks, dynamic top-k)."""
         import onnx
 
@@ -240,6 +240,7 @@ class OnnxExporter(Exporter):
             "format": FORMAT,
             "version": package_version(),
             "run_dir": str(Path(run_dir).resolve()) if run_dir is not None else None,
+            "weights_sha256": weights_sha256,
             "config": cfg.to_dict(),
             "preset": cfg.name,
             "T": cfg.T,
@@ -320,30 +321,40 @@ class _quiet:
         self._stack.close()
 
 
-def _write_atomic(proto, out: Path, data_path: Path | None) -> None:
-    """Check and write the model (and its external data) to temp files beside ``out``, then rename into place."""
+def _checked(check) -> None:
     import onnx
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        check()
+    except onnx.checker.ValidationError as e:
+        raise UnsupportedOpError(f"the exported graph fails onnx.checker: {str(e).splitlines()[0]}") from e
+
+
+def _write_atomic(proto, out: Path, data_path: Path | None) -> None:
+    """Check the model and write it atomically (stata_deploy.fileio): in memory, then one write; a model with
+    external data is saved to temp files beside ``out`` and both are renamed only when both are complete."""
+    import onnx
+
+    from stata_deploy.fileio import atomic_write_bytes, check_output, ensure_folder
+
+    if data_path is None:
+        _checked(lambda: onnx.checker.check_model(proto, full_check=True))
+        atomic_write_bytes(out, proto.SerializeToString())
+        return
+    check_output(out)
+    check_output(data_path)
+    ensure_folder(out.parent)
     tmpdir = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         tmp = tmpdir / out.name
-        if data_path is None:
-            onnx.save_model(proto, str(tmp))
-        else:
-            onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_path.name, size_threshold=1024)
-        try:
-            onnx.checker.check_model(str(tmp), full_check=True)
-        except onnx.checker.ValidationError as e:
-            raise UnsupportedOpError(f"the exported graph fails onnx.checker: {str(e).splitlines()[0]}") from e
-        if data_path is not None:
-            os.replace(tmpdir / data_path.name, data_path)
+        onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_path.name, size_threshold=1024)
+        _checked(lambda: onnx.checker.check_model(str(tmp), full_check=True))
+        os.replace(tmpdir / data_path.name, data_path)
         try:
             os.replace(tmp, out)
         except OSError:
-            if data_path is not None:
-                data_path.unlink(missing_ok=True)
+            data_path.unlink(missing_ok=True)
             raise
     except OSError as e:
         raise StataError(f"cannot write {out}: {e.strerror or e}") from None

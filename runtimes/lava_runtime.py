@@ -41,16 +41,17 @@ Precision
 
 Process safety
     The simulation runs in a child process (``runtimes.lava_worker``, numpy + lava only) in its own process group,
-    with a hard timeout. ``close`` asks it to stop Lava (3 s grace); on failure, timeout, Ctrl-C, garbage collection
-    or interpreter exit, and after every close, the whole group is killed and every shared-memory segment it logged
-    is unlinked.
+    with a hard timeout; its network spec is JSON + one npz (no pickle). ``close`` asks it to stop Lava (3 s grace);
+    on failure, timeout, Ctrl-C, SIGTERM/SIGHUP of the CLI (``stata_deploy.cli.Terminated``), garbage collection or
+    interpreter exit, and after every close, the whole group is killed, every shared-memory segment it logged is
+    unlinked and its temp folder removed. If the parent dies without cleaning up (SIGKILL), the worker gets
+    SIGTERM (Linux parent-death signal) and does the same itself; on end of input it exits without Lava's stop().
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import pickle
 import select
 import shutil
 import signal
@@ -70,6 +71,7 @@ from stata_deploy.neurons import TAU, V_RESET, V_TH
 from stata_deploy.results import RunResult
 from stata_deploy.runtime_api import Runtime
 
+from runtimes.lava_worker import SPEC_FORMAT, SPEC_TAGS, TAG_ARRAY, TAG_CSR, TAG_TUPLE, TEMP_PREFIX
 from runtimes.nir_graph import NirFormatError
 
 PRECISIONS = ("float", "fixed")
@@ -82,25 +84,35 @@ class LavaTimeout(StataError):
 class _Worker:
     """The Lava simulation in a child process (its own session/process group) with a hard timeout.
 
-    Any failure, timeout, Ctrl-C or close() that is not a clean stop kills the whole process group (Lava forks a
-    process per Lava process plus a shared-memory manager) and unlinks every shared-memory segment the group
-    logged (runtimes.lava_worker logs them as it creates them).
+    Any failure, timeout, Ctrl-C / SIGTERM / SIGHUP (``stata_deploy.cli.Terminated``) or close() that is not a clean
+    stop kills the whole process group (Lava forks a process per Lava process plus a shared-memory manager),
+    unlinks every shared-memory segment the group logged (runtimes.lava_worker logs them before it creates them)
+    and removes the temporary folder. If this process dies without cleaning up (SIGKILL), the worker does it: it
+    gets SIGTERM from the kernel when its parent dies, or end of input on stdin (see runtimes.lava_worker).
     """
 
     def __init__(self, spec: dict, timeout: float):
         self.timeout = float(timeout)
-        self.dir = Path(tempfile.mkdtemp(prefix="stata-lava-"))
-        self.spec_path = self.dir / "spec.pkl"
-        with open(self.spec_path, "wb") as f:
-            pickle.dump(spec, f, protocol=pickle.HIGHEST_PROTOCOL)
-        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-                   PYTHONWARNINGS="ignore")
-        self.stderr = open(self.dir / "stderr.txt", "w+b")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "runtimes.lava_worker", str(self.spec_path)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, env=env,
-            start_new_session=True,  # own process group: killpg reaches every Lava child, Ctrl-C does not
-        )
+        self.dir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
+        self.stderr = None
+        try:
+            self.spec_path = self.dir / "spec.json"
+            _write_spec(spec, self.spec_path)
+            env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                       PYTHONWARNINGS="ignore", STATA_LAVA_PARENT=str(os.getpid()))
+            if len(str(self.dir)) <= 64:  # room for multiprocessing's pymp-*/listener-* socket path (108 bytes)
+                env["TMPDIR"] = str(self.dir)  # Lava's (multiprocessing's) temporary files go with our folder
+            self.stderr = open(self.dir / "stderr.txt", "w+b")
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "runtimes.lava_worker", str(self.spec_path)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, env=env,
+                start_new_session=True,  # own process group: killpg reaches every Lava child, Ctrl-C does not
+            )
+        except BaseException:  # nothing started (or only the worker, which then sees its stdin close): no folder
+            if self.stderr is not None:
+                self.stderr.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
         self.pgid = self.proc.pid
         self.n = 0
         self.shm_names: list[str] = []
@@ -166,14 +178,16 @@ class _Worker:
 
     def stop(self, grace: float = 3.0) -> None:
         """Clean stop: ask the worker to stop Lava; kill the group if it does not exit within ``grace`` s."""
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write(b'{"cmd": "stop"}\n')
-                self.proc.stdin.flush()
-                self.proc.wait(grace)
-            except (OSError, subprocess.TimeoutExpired):
-                pass
-        self.kill()
+        try:
+            if self.proc.poll() is None:
+                try:
+                    self.proc.stdin.write(b'{"cmd": "stop"}\n')
+                    self.proc.stdin.flush()
+                    self.proc.wait(grace)
+                except (OSError, subprocess.TimeoutExpired):
+                    pass
+        finally:  # also when a signal (Terminated / KeyboardInterrupt) arrives during the grace period
+            self.kill()
 
     def kill(self) -> None:
         try:
@@ -219,6 +233,53 @@ def _read_lines(p: Path) -> list[str]:
         return [s for s in p.read_text().split() if s]
     except OSError:
         return []
+
+
+def _write_spec(spec: dict, path: Path) -> None:
+    """Write the worker's spec (``_Builder.spec``: nested dicts / lists / tuples of str, int, float, bool, None,
+    numpy arrays and scipy.sparse matrices) as JSON at ``path`` plus one ``.npz`` beside it holding the arrays
+    (no pickle anywhere: object arrays are refused). ``runtimes.lava_worker.decode_spec`` reads it back; tuples stay
+    tuples, sparse matrices come back as CSR, and an array referenced twice is stored once."""
+    arrays: dict[str, np.ndarray] = {}
+    keys: dict[int, str] = {}
+    alive = []  # keeps every encoded object alive, so that id() keys stay unique
+
+    def array(a, where):
+        k = keys.get(id(a))
+        if k is None:
+            if a.dtype.hasobject:
+                raise TypeError(f"spec{where}: object array (would need pickle)")
+            k = keys[id(a)] = f"a{len(arrays)}"
+            arrays[k] = a
+            alive.append(a)
+        return k
+
+    def enc(o, where):
+        if o is None or isinstance(o, (str, bool, int, float)):
+            return o
+        if isinstance(o, np.generic):
+            return enc(o.item(), where)
+        if isinstance(o, dict):
+            for k in o:
+                if not isinstance(k, str) or k in SPEC_TAGS:
+                    raise TypeError(f"spec{where}: key {k!r} (keys must be str and not one of {SPEC_TAGS})")
+            return {k: enc(v, f"{where}.{k}") for k, v in o.items()}
+        if isinstance(o, tuple):
+            return {TAG_TUPLE: [enc(v, f"{where}[{i}]") for i, v in enumerate(o)]}
+        if isinstance(o, list):
+            return [enc(v, f"{where}[{i}]") for i, v in enumerate(o)]
+        if isinstance(o, np.ndarray):
+            return {TAG_ARRAY: array(o, where)}
+        if sp.issparse(o):
+            m = o.tocsr()
+            alive.append(m)
+            return {TAG_CSR: {"data": array(m.data, where), "indices": array(m.indices, where),
+                              "indptr": array(m.indptr, where), "shape": [int(n) for n in m.shape]}}
+        raise TypeError(f"spec{where}: cannot encode {type(o).__name__}")
+
+    doc = {"format": SPEC_FORMAT, "arrays": path.with_suffix(".npz").name, "spec": enc(spec, "")}
+    np.savez(path.with_suffix(".npz"), **arrays)
+    path.write_text(json.dumps(doc))
 
 # -------------------------------------------------------------------------------------------- the builder
 @dataclass
@@ -439,8 +500,10 @@ def _low_flatten(bld, g, op, x, mask):
 
 def _low_lif(bld, g, op, x, mask):
     p = op.params
+    # NIR fires at v > v_threshold; our Neuron at H >= v_th: the next float64 above is the same rule exactly
+    v_th = np.nextafter(np.asarray(p["v_threshold"], dtype=np.float64), np.inf)
     return bld.neuron(x, op.name, "lif", mask, tau_steps=p["tau_steps"], r=p["r"], v_leak=p["v_leak"],
-                      v_th=p["v_threshold"], v_reset=p["v_reset"])
+                      v_th=v_th, v_reset=p["v_reset"])
 
 
 LOWER = {  # IR op kind -> lowering (the table of runtimes.nir_graph's op set)
@@ -541,6 +604,7 @@ class LavaRuntime(Runtime):
     """Runtime ``lava``: a .nir file exported by stata-deploy (or a run folder) on Lava's CPU simulator."""
 
     name = "lava"
+    accepts = ("precision", "timeout")
 
     def __init__(self, path, precision: str = "float", timeout: float = 600.0, batch: int | None = None,
                  dtype: str = "float64", **options):

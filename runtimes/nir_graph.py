@@ -21,7 +21,8 @@ conv2d       torch.nn.functional.conv2d semantics (cross-correlation), params we
 sumpool2d    sum over kernel windows, zero padding: params kernel, stride, padding (2-tuples)
 flatten      reshape: dims start_dim..end_dim (per-sample indexing) merged
 lif          NIR LIF, forward Euler with step dt:  H = V + (r*X - (V - v_leak)) / (tau/dt);
-             S = H >= v_threshold (SpikingJelly tie rule, ours); V = v_reset where S else H. Params are float64
+             S = H > v_threshold (NIR's rule; our exporter writes the float32 below the model's V_th, so this is
+             the model's H >= V_th); V = v_reset where S else H. Params are float64
              arrays of the op's shape: tau, r, v_leak, v_reset, v_threshold; ``tau_steps`` = tau/dt.
              tau == dt makes it memoryless (H = v_leak + r*X): the exporter uses that as a threshold GATE
              (``role == "gate"``: the AND of two binary spike trains is gate(a + b) with threshold 1.5)
@@ -189,7 +190,7 @@ def _lower_node(name: str, node, dt: float) -> Op:
         q = np.where(np.isclose(q, np.round(q), rtol=1e-9, atol=0), np.round(q), q)
         return Op(name, "lif", [], tuple(tau.shape), dict(
             tau=tau, tau_steps=q, r=f64(node.r), v_leak=f64(node.v_leak), v_reset=f64(node.v_reset),
-            v_threshold=f64(node.v_threshold)), **common)
+            v_threshold=f64(node.v_threshold), v_threshold32=f64(node.v_threshold).astype(np.float32)), **common)
     raise UnsupportedOpError(f"NIR node {name!r} of type {type(node).__name__} is not executable by this reader "
                              f"(supported: Input, Output, Affine, Linear, Conv2d, SumPool2d, Flatten, LIF)")
 
@@ -205,9 +206,63 @@ def read_description(graph) -> dict:
     if isinstance(raw, np.ndarray):
         raw = raw.item()
     try:
-        return json.loads(raw)
+        desc = json.loads(raw)
     except (TypeError, json.JSONDecodeError) as e:
         raise NirFormatError(f"graph metadata {META_KEY!r} is not valid JSON ({e})") from None
+    if not isinstance(desc, dict):
+        raise NirFormatError(f"graph metadata {META_KEY!r} must be a JSON object, got {type(desc).__name__}")
+    return desc
+
+
+def _check_finite_params(name: str, op: Op) -> None:
+    """NaN/inf in a node's parameters (weights, biases, neuron constants) would silently poison every output."""
+    for k, v in op.params.items():
+        if isinstance(v, np.ndarray) and v.dtype.kind in "fc" and not np.isfinite(v).all():
+            raise NirFormatError(f"NIR node {name!r}: parameter {k!r} contains NaN or infinite values "
+                                 f"({int((~np.isfinite(v)).sum())} of {v.size})")
+    if op.kind == "lif" and (op.params["tau"] <= 0).any():
+        raise NirFormatError(f"NIR node {name!r}: LIF time constant tau must be positive")
+
+
+def _check_host_attrs(h: HostOp) -> None:
+    """The numbers a host operation reads from its attrs: heads a positive int, the rest finite (tau_steps > 0)."""
+    from stata_deploy.config import is_int, is_number
+
+    heads = h.attrs.get("heads", 1)
+    if not is_int(heads) or heads < 1:
+        raise NirFormatError(f"host operation {h.name!r}: heads must be a positive integer, got {heads!r}")
+    for k in ("scale", "v_th", "v_reset", "tau_steps"):
+        v = h.attrs.get(k)
+        if v is not None and (not is_number(v) or not np.isfinite(float(v)) or (k == "tau_steps" and v <= 0)):
+            raise NirFormatError(f"host operation {h.name!r}: {k} must be a finite number"
+                                 + (" > 0" if k == "tau_steps" else "") + f", got {v!r}")
+
+
+def _check_dt(dt) -> float:
+    from stata_deploy.config import is_number
+
+    if not is_number(dt) or not np.isfinite(float(dt)) or float(dt) <= 0:
+        raise NirFormatError(f"the Euler step dt must be a positive finite number, got {dt!r}")
+    return float(dt)
+
+
+def _check_T(desc: dict) -> int:
+    """T from the description (top-level "T", else config.T, else 1), strictly an int in [1, MAX_T], and equal to
+    the config's T when both are present; an invalid model config in the description is refused here too."""
+    from stata_deploy.config import MAX_T, ModelConfig, is_int
+
+    cfg_T = None
+    if desc.get("config") is not None:
+        try:
+            cfg_T = ModelConfig.from_dict(desc["config"]).T
+        except (TypeError, StataError) as e:
+            raise NirFormatError(f"invalid model config in the file's stata-deploy description ({e})") from None
+    T = desc.get("T", cfg_T if cfg_T is not None else 1)
+    if not is_int(T) or not 1 <= T <= MAX_T:
+        raise NirFormatError(f"the description's T must be an integer in [1, {MAX_T}] (timesteps), got {T!r}")
+    if cfg_T is not None and T != cfg_T:
+        raise NirFormatError(f"the description says T={T} but its model config says T={cfg_T}")
+    return int(T)
 
 
 def load_nir(path: str | Path):
@@ -239,29 +294,51 @@ def from_nir(g, dt: float | None = None) -> Graph:
         raise NirFormatError("this NIR file is not one exported by stata-deploy (no 'stata_deploy' description in its "
                              "metadata), so its Euler step dt is unknown; export it with `stata-deploy export --to nir`"
                              " (Python API: pass dt=)")
-    dt = float(dt if dt is not None else desc["dt"])
+    dt = _check_dt(dt if dt is not None else desc["dt"])
+    T = _check_T(desc)
     ops: dict[str, Op] = {}
     for name, node in g.nodes.items():
-        ops[name] = _lower_node(name, node, dt)
+        try:
+            ops[name] = _lower_node(name, node, dt)
+        except (TypeError, ValueError) as e:
+            raise NirFormatError(f"NIR node {name!r} has unreadable parameters ({e})") from None
+        _check_finite_params(name, ops[name])
     for src, dst in g.edges:
+        if src not in ops or dst not in ops:
+            raise NirFormatError(f"the graph has an edge {src!r} -> {dst!r} to a node that does not exist")
         ops[dst].inputs.append(src)
-    host_ops = [HostOp(h["name"], h["kind"], list(h["inputs"]), h["output"], dict(h.get("attrs", {})),
-                       h.get("tokens"), dict(h.get("records", {}))) for h in desc.get("host_ops", [])]
+    try:
+        host_ops = [HostOp(h["name"], h["kind"], list(h["inputs"]), h["output"], dict(h.get("attrs", {})),
+                           h.get("tokens"), dict(h.get("records", {}))) for h in desc.get("host_ops", [])]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise NirFormatError(f"the file's description of its host operations is damaged ({type(e).__name__}: {e})") \
+            from None
     for h in host_ops:
         if h.kind not in HOST_KINDS:
             raise UnsupportedOpError(f"host operation {h.name!r} of kind {h.kind!r} is unknown to this reader")
         for p in [*h.inputs, h.output]:
             if p not in ops:
                 raise NirFormatError(f"host operation {h.name!r} names port {p!r}, which is not in the graph")
-    T = int(desc.get("T", desc.get("config", {}).get("T", 1)))
+        _check_host_attrs(h)
     segments = {}
-    for sid, s in desc.get("token_segments", {}).items():
-        sched = np.asarray(s["schedule"], dtype=bool)
-        segments[sid] = TokenSegment(sid, s.get("site"), np.asarray(s["positions"], dtype=np.int64), sched)
+    try:
+        for sid, s in desc.get("token_segments", {}).items():
+            sched = np.asarray(s["schedule"], dtype=bool)
+            pos = np.asarray(s["positions"], dtype=np.int64)
+            if sched.shape != (T, len(pos)) or pos.ndim != 1:
+                raise ValueError(f"segment {sid!r}: schedule of shape {sched.shape} for T={T} and {len(pos)} tokens")
+            segments[sid] = TokenSegment(sid, s.get("site"), pos, sched)
+        sites = {int(k): v for k, v in desc.get("sites", {}).items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise NirFormatError(f"the file's description of its token masks is damaged ({type(e).__name__}: {e})") \
+            from None
+    for site, sid in sites.items():
+        if sid not in segments:
+            raise NirFormatError(f"the description maps pruning site {site} to token segment {sid!r}, which it does "
+                                 "not define")
     order = _toposort(ops, host_ops)
     ops = {n: ops[n] for n in order}
-    graph = Graph(ops, host_ops, segments, T, dt, desc.get("input"), desc.get("logits"), desc,
-                  {int(k): v for k, v in desc.get("sites", {}).items()})
+    graph = Graph(ops, host_ops, segments, T, dt, desc.get("input"), desc.get("logits"), desc, sites)
     if graph.input is None:
         ins = [o.name for o in ops.values() if o.kind == "input" and o.role is None]
         graph.input = ins[0] if len(ins) == 1 else None
@@ -269,8 +346,14 @@ def from_nir(g, dt: float | None = None) -> Graph:
 
 
 def read_graph(path: str | Path, dt: float | None = None) -> Graph:
-    """Read a .nir file into the executable IR (see module doc)."""
-    return from_nir(load_nir(path), dt)
+    """Read a .nir file into the executable IR (see module doc). Refused (NirFormatError naming the file): non-finite
+    node parameters, a non-positive or non-finite dt, T outside [1, MAX_T] or disagreeing with the description's
+    model config, an invalid model config, damaged host-op / token-mask descriptions."""
+    g = load_nir(path)
+    try:
+        return from_nir(g, dt)
+    except NirFormatError as e:
+        raise NirFormatError(f"{path}: {e}") from None
 
 
 def _toposort(ops: dict[str, Op], host_ops: list[HostOp]) -> list[str]:
@@ -402,7 +485,8 @@ def _run_host(h: HostOp, vals: dict, st: _State, mask, records: dict, t: int):
 def simulate(graph: Graph, feeds: dict[str, np.ndarray], record: bool = True, strict_ties: bool = False):
     """Run the graph over T timesteps. feeds: input-port name -> (T, B, *shape). Returns (outputs, records):
     outputs: output-port name -> (T, B, *shape); records: op/host-record name -> list over t of (B, *shape).
-    ``strict_ties``: spike at v > v_threshold instead of >= (to reproduce snntorch/norse exactly)."""
+    ``strict_ties``: the host operations' ternary neurons (described in our metadata, ``>=``) fire at ``>`` too
+    (nir.LIF nodes always follow NIR's ``v > v_threshold``)."""
     T = graph.T
     first = next(iter(feeds.values()))
     B = first.shape[1]
@@ -468,7 +552,7 @@ def _apply(op: Op, x: np.ndarray, st: _State, mask) -> np.ndarray:
         if V is None:
             V = np.broadcast_to(p["v_reset"], x.shape).astype(np.float64)
         H = V + (p["r"] * x - (V - p["v_leak"])) / p["tau_steps"]
-        s = _fire(H, p["v_threshold"], strict=st.strict)
+        s = (H.astype(np.float32) > p["v_threshold32"]).astype(np.float64)  # NIR's v > v_threshold, in float32
         st.v[op.name] = np.where(s != 0, p["v_reset"], H)
         return s
     raise UnsupportedOpError(f"op {op.name!r} of kind {k!r} cannot be executed")

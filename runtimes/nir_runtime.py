@@ -20,6 +20,7 @@ from .nir_graph import execute, read_graph
 
 class NirRuntime(Runtime):
     name = "nir"
+    accepts = ()
 
     def __init__(self, path: str | Path, batch_size: int = 64, **options):
         super().__init__(path)

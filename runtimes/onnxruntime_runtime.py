@@ -5,6 +5,10 @@ config, the static masks (also present as ``stata_mask_site<i>`` initializers; b
 it came from. ``run`` returns the same ``RunResult`` as the torch reference: logits per timestep, every neuron layer's
 spikes (graph outputs named by torch module path), the encoded input, wall time and the kept token positions.
 Only the CPU execution provider is used (the edge path); ``threads`` sets intra-op threads.
+
+Loading refuses, with one line naming the file: an invalid model config in the description (strict types and
+bounds of ``ModelConfig.validate``), a description whose T disagrees with its config or with the graph's input
+``x`` (T, batch, C, H, W), and NaN/infinite values in any initializer or Constant tensor (named).
 """
 from __future__ import annotations
 
@@ -51,8 +55,69 @@ def read_description(path: str | Path) -> tuple[dict, "object"]:
     return desc, proto
 
 
+def _tensor_arrays(proto):
+    """(kind, name, numpy array) of every initializer and Constant-node tensor stored inside the file (external
+    data is not loaded here, so such tensors are skipped)."""
+    from onnx import TensorProto, numpy_helper
+
+    def arr(t):
+        if t.data_location == TensorProto.EXTERNAL:
+            return None
+        return numpy_helper.to_array(t)
+
+    for t in proto.graph.initializer:
+        yield "initializer", t.name, arr(t)
+    for node in proto.graph.node:
+        if node.op_type == "Constant":
+            name = node.output[0] if node.output else node.name
+            for a in node.attribute:
+                if a.name == "value":
+                    yield "constant", name, arr(a.t)
+                elif a.name in ("value_float", "value_floats"):
+                    vals = [a.f] if a.name == "value_float" else list(a.floats)
+                    yield "constant", name, np.asarray(vals, np.float32)
+
+
+def check_finite_tensors(proto, path) -> None:
+    """Refuse a graph whose weights (initializers, Constant nodes) hold NaN or infinite values, naming the tensor."""
+    for kind, name, a in _tensor_arrays(proto):
+        if a is None or a.dtype.kind not in "fc":
+            continue
+        if not np.isfinite(a).all():
+            bad = int((~np.isfinite(a)).sum())
+            raise StataError(f"{path}: {kind} {name!r} contains NaN or infinite values ({bad} of {a.size}); "
+                             "the file is damaged or was exported from broken weights")
+
+
+def check_description(desc: dict, proto, path) -> ModelConfig:
+    """The description's model config (strictly validated), its T, and the graph's input 'x' must all agree:
+    (T, batch, C, H, W) with T, C, H, W from the config. Returns the config."""
+    try:
+        cfg = ModelConfig.from_dict(desc["config"])
+    except (TypeError, StataError) as e:
+        raise StataError(f"{path}: invalid model config in its description ({e})") from None
+    T = desc.get("T", cfg.T)
+    if type(T) is not int or T != cfg.T:
+        raise StataError(f"{path}: its description says T={T!r} but its model config says T={cfg.T}")
+    inits = {t.name for t in proto.graph.initializer}
+    inputs = {i.name: i for i in proto.graph.input if i.name not in inits}
+    if "x" not in inputs:
+        raise StataError(f"{path}: the graph has no input 'x' (inputs: {', '.join(sorted(inputs)) or 'none'}): not a "
+                         "stata-deploy model graph")
+    tt = inputs["x"].type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+    want = [cfg.T, "batch", cfg.in_channels, cfg.img_size, cfg.img_size]
+    if len(dims) != 5 or any(isinstance(g, int) and g != w for g, w in zip(dims, want) if isinstance(w, int)):
+        shown = "(" + ", ".join(str(d) for d in dims) + ")"
+        raise StataError(f"{path}: its description says T={cfg.T}, {cfg.in_channels}x{cfg.img_size}x{cfg.img_size} "
+                         f"images, but the graph's input 'x' has shape {shown} (expected (T={cfg.T}, batch, "
+                         f"{cfg.in_channels}, {cfg.img_size}, {cfg.img_size})): the file was edited or damaged")
+    return cfg
+
+
 class OnnxRuntime(Runtime):
     name = "onnxruntime"
+    accepts = ("threads", "precision")
 
     def __init__(self, path, threads: int | None = None, optimization: str = "all", precision: str | None = None,
                  **options):
@@ -65,10 +130,8 @@ class OnnxRuntime(Runtime):
             raise ConfigError(f"the onnxruntime runtime runs float32 only (got --precision {precision})")
         desc, proto = read_description(self.path)
         self.description = desc
-        try:
-            self.cfg = ModelConfig.from_dict(desc["config"])
-        except (TypeError, StataError) as e:
-            raise StataError(f"{self.path}: invalid model config in its description ({e})") from None
+        self.cfg = check_description(desc, proto, self.path)
+        check_finite_tensors(proto, self.path)
         self.masks = TokenMasks.from_json(desc["masks"]) if desc.get("masks") else None
         if self.masks is not None:
             self.masks.check_model(self.cfg)

@@ -15,6 +15,7 @@ from stata_deploy.runtime_api import Runtime
 
 class TorchRuntime(Runtime):
     name = "torch"
+    accepts = ("threads",)
 
     def __init__(self, path, masks: TokenMasks | str | Path | None = "auto", **options):
         super().__init__(path)
@@ -24,7 +25,8 @@ class TorchRuntime(Runtime):
         if masks == "auto":
             masks = run_dir / "masks.json" if (run_dir / "masks.json").is_file() else None
         if isinstance(masks, (str, Path)):
-            masks = TokenMasks.load(masks)
+            path, masks = masks, TokenMasks.load(masks)
+            masks.check_weights(self.meta.get("weights_sha256"), path, run_dir)
         if masks is not None:
             masks.check_model(self.cfg)
         self.masks = masks

@@ -14,56 +14,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, StataError
+# One module owns the atomic write (stata_deploy.fileio); re-exported for the callers that import it from here.
+from .fileio import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: F401
 
 FORMAT = "stata-deploy/1"
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-def _atomic(path: Path, write) -> None:
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise StataError(f"cannot create folder {path.parent}: {e.strerror or e}") from None
-    fd, tmp = None, None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; a finished file gets the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            fd = None
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        raise StataError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        if fd is not None:
-            os.close(fd)
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic(path, lambda f: f.write(data))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
@@ -120,6 +80,107 @@ def _safetensors_metadata(path: Path, data: bytes) -> dict[str, str]:
         raise CheckpointError(f"{path} is not a valid safetensors file (bad header)") from None
 
 
+# bytes per element of every safetensors dtype
+_ST_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+                   "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+_ST_FLOAT = {"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"}
+_ST_MAX_HEADER = 100_000_000  # the safetensors library's own limit on the JSON header
+
+
+def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype, shape) of every tensor in a safetensors file, from its JSON header alone: only the first
+    8 + header-length bytes are read, never the tensor data. The header is checked for consistency (known dtypes,
+    non-negative integer shapes, each tensor's byte range inside the file and of the size its shape needs), so a
+    truncated or forged file is refused before anything is allocated. Pickle files are refused first."""
+    import struct
+
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, expected a .safetensors file")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    bad = f"{path} is not a valid safetensors file"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head.startswith(PICKLE_MAGIC):
+                raise CheckpointError(f"{path} is a pickle-based PyTorch file; refusing to load it (unpickling can "
+                                      f"run code). stata-deploy reads safetensors + JSON only")
+            if len(head) < 8:
+                raise CheckpointError(f"{bad} (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > _ST_MAX_HEADER or 8 + n > size:
+                raise CheckpointError(f"{bad} (bad header: {n} header bytes in a file of {size})")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{bad} (bad header)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{bad} (bad header)")
+    payload = size - 8 - n
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (a, b) = e["dtype"], e["shape"], e["data_offsets"]
+            ok = (dtype in _ST_DTYPE_BYTES and isinstance(shape, list)
+                  and all(type(d) is int and d >= 0 for d in shape) and type(a) is int and type(b) is int)
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{bad} (bad header entry for {name!r})")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if not 0 <= a <= b <= payload:
+            raise CheckpointError(f"{bad} (truncated: {name} needs bytes {a}..{b} of a {payload}-byte payload)")
+        if b - a != numel * _ST_DTYPE_BYTES[dtype]:
+            raise CheckpointError(f"{bad} ({name}: shape {tuple(shape)} of {dtype} does not fit its {b - a} bytes)")
+        out[name] = (dtype, tuple(shape))
+    return out
+
+
+def check_weights_header(run_dir: Path, cfg: ModelConfig, header: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """Tensor names, shapes and dtype kinds in a safetensors header (``safetensors_header``) against what
+    ``build_model(cfg)`` holds, BEFORE any model is built: the expected tensors come from a model built on torch's
+    ``meta`` device (shapes only, no memory), and the block count and head shape are compared first for a
+    message that names the config field."""
+    import re
+
+    from .model import build_model
+
+    where = f"weights in {run_dir} do not match config.json"
+    blocks = {int(m.group(1)) for k in header if (m := re.match(r"blocks\.(\d+)\.", k))}
+    nblocks = max(blocks) + 1 if blocks else 0
+    if nblocks != cfg.depth:
+        raise CheckpointError(f"{where}: it says depth {cfg.depth}, model.safetensors holds {nblocks} blocks")
+    hw = header.get("head.weight")
+    if hw is not None and hw[1] != (cfg.num_classes, cfg.dim):
+        raise CheckpointError(f"{where}: head.weight has shape {hw[1]}, num_classes {cfg.num_classes} and dim "
+                              f"{cfg.dim} need {(cfg.num_classes, cfg.dim)}")
+    with torch.device("meta"):
+        expected = {k: (v.is_floating_point(), tuple(v.shape)) for k, v in build_model(cfg).state_dict().items()}
+    missing = sorted(set(expected) - set(header))
+    unexpected = sorted(set(header) - set(expected))
+    if missing or unexpected:
+        what = (f"missing {', '.join(missing[:3])}" if missing else "") + (
+            f" unexpected {', '.join(unexpected[:3])}" if unexpected else ""
+        )
+        raise CheckpointError(f"{where} ({what.strip()})")
+    for k, (dtype, shape) in header.items():
+        is_float, want = expected[k]
+        if shape != want:
+            raise CheckpointError(f"{where}: {k} has shape {shape}, expected {want}")
+        if is_float != (dtype in _ST_FLOAT):
+            raise CheckpointError(f"{where}: {k} is stored as {dtype}, expected a {'float' if is_float else 'integer'}"
+                                  " tensor")
+
+
 def read_json(path: Path, what: str = "file") -> dict:
     path = Path(path)
     if not path.is_file():
@@ -163,6 +224,15 @@ def load_config(run_dir: str | Path) -> tuple[ModelConfig, dict]:
         cfg = ModelConfig.from_dict(meta["model"])
     except (TypeError, ConfigError) as e:
         raise CheckpointError(f"invalid model config in {run_dir / 'config.json'}: {e}") from None
+    for key in ("train", "dataset", "metrics"):  # read by eval / run / energy (e.g. meta["train"]["dataset"])
+        if key in meta and not isinstance(meta[key], dict):
+            raise CheckpointError(f"{run_dir / 'config.json'}: {key!r} must be a JSON object, got {meta[key]!r}")
+    ds = meta.get("train", {}).get("dataset")
+    if ds is not None and not isinstance(ds, str):
+        raise CheckpointError(f"{run_dir / 'config.json'}: train.dataset must be a dataset name, got {ds!r}")
+    sha = meta.get("weights_sha256")
+    if sha is not None and not (isinstance(sha, str) and len(sha) == 64):
+        raise CheckpointError(f"{run_dir / 'config.json'}: weights_sha256 must be a sha256 hex string, got {sha!r}")
     return cfg, meta
 
 
@@ -170,13 +240,15 @@ def load_model(run_dir: str | Path, map_location: str = "cpu"):
     """Build the model from config.json and load model.safetensors; mismatches are CheckpointErrors.
 
     The weights are checked against config.json: names, shapes, finite values, and the sha256 recorded when they
-    were saved (``weights_sha256``, when present)."""
+    were saved (``weights_sha256``, when present). The config's bounds (ModelConfig.validate) and the names and
+    shapes in the safetensors header are checked before the model is built or the tensor data is read."""
     from .model import build_model
 
     run_dir = resolve_run(run_dir)
     cfg, meta = load_config(run_dir)
-    model = build_model(cfg)
     wpath = run_dir / "model.safetensors"
+    check_weights_header(run_dir, cfg, safetensors_header(wpath))
+    model = build_model(cfg)
     data = _read_bytes(wpath)
     sd = _parse_tensors(wpath, data)
     expected = model.state_dict()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -17,25 +18,50 @@ EXIT_INTERNAL = 3
 
 
 def emit(obj: dict, as_json: bool, human: str | None = None) -> None:
-    """Print one JSON object (--json) or a human-readable text."""
+    """Print one strict JSON object (--json) or a human-readable text.
+
+    Strict: JSON parsers reject NaN and Infinity, so a non-finite number is printed as null and its path is listed in
+    ``null_reasons`` (e.g. {"energy_ratio": "NaN (not a finite number)"}) unless the command gave its own reason."""
+    from .fileio import dumps, strict
+
+    reasons: dict = {}
+    clean = strict(json.loads(dumps_loose(obj)), reasons)
+    if reasons and isinstance(clean, dict):
+        given = clean.get("null_reasons") or {}
+        clean["null_reasons"] = {**{k: f"{v} (not a finite number)" for k, v in reasons.items()}, **given}
     if as_json:
-        click.echo(json.dumps(obj, default=_jsonable))
+        click.echo(dumps(clean))
     else:
-        click.echo(human if human is not None else json.dumps(obj, indent=2, default=_jsonable))
+        click.echo(human if human is not None else dumps(clean, indent=2))
 
 
-def _jsonable(o):
-    import numpy as np
+def dumps_loose(obj) -> str:
+    """json.dumps that knows numpy scalars/arrays and paths (non-finite numbers still as NaN/Infinity)."""
+    from .fileio import json_default
 
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+    return json.dumps(obj, default=json_default)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: unwinds like Ctrl-C (every ``finally`` / ``except BaseException`` cleanup runs:
+    child process groups are killed, temporary files removed), then the CLI exits with 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM (``kill``, ``timeout``) and SIGHUP (closed terminal) clean up as Ctrl-C does (main thread only)."""
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            signal.signal(s, _raise_terminated)
+        except ValueError:  # not the main thread (e.g. inside a test runner's worker thread)
+            pass
 
 
 def fail(msg: str, code: int = EXIT_USER_ERROR):
@@ -46,7 +72,27 @@ def fail(msg: str, code: int = EXIT_USER_ERROR):
 class Group(click.Group):
     """Turns every expected failure into one line on stderr and a non-zero exit."""
 
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """Click's usage errors (unknown option, bad value) as one ``error: ...`` line, exit 2, like every failure."""
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # `stata-deploy` alone: the help text
+            click.echo(e.format_message())
+            sys.exit(0)
+        except click.UsageError as e:
+            cmd = e.ctx.command_path if e.ctx is not None else (prog_name or "stata-deploy")
+            fail(f"{e.format_message()} (see: {cmd} --help)", e.exit_code)
+        except click.ClickException as e:
+            fail(e.format_message(), e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
     def invoke(self, ctx):
+        install_signal_handlers()
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, SystemExit):
@@ -55,6 +101,9 @@ class Group(click.Group):
             if os.environ.get("STATA_DEBUG"):
                 raise
             fail(str(e))
+        except Terminated as e:
+            click.echo(f"terminated ({e})", err=True)
+            sys.exit(128 + e.signum)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -85,6 +134,30 @@ def main():
       stata-deploy run runs/a/model.onnx --runtime onnxruntime --dataset digits
       stata-deploy energy runs/a --hardware 45nm --baseline runs/base
     """
+
+
+class FiniteFloat(click.ParamType):
+    """A finite float in an open/closed range: NaN and infinity are refused (click.FloatRange lets NaN through)."""
+
+    name = "number"
+
+    def __init__(self, lo: float | None = None, hi: float | None = None, lo_open: bool = False):
+        self.lo, self.hi, self.lo_open = lo, hi, lo_open
+
+    def convert(self, value, param, ctx):
+        import math
+
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            self.fail(f"{v:g} must be {'>' if self.lo_open else '>='} {self.lo:g}", param, ctx)
+        if self.hi is not None and v > self.hi:
+            self.fail(f"{v:g} must be <= {self.hi:g}", param, ctx)
+        return v
 
 
 def threads_option(f):

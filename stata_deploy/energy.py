@@ -62,6 +62,9 @@ class Profile:
                 "ops": {k: {"pj": v.pj, "source": v.source} for k, v in self.ops.items()}}
 
 
+MAX_PJ = 1e9  # 1 mJ for one operation: beyond any hardware; keeps every total finite
+
+
 def builtin_profiles() -> list[str]:
     d = resources.files("stata_deploy") / "profiles"
     return sorted(p.name[:-5] for p in d.iterdir() if p.name.endswith(".json"))
@@ -81,8 +84,9 @@ def _parse(d: dict, where: str, default_name: str) -> Profile:
             pj, source = v.get("pj"), str(v.get("source", ""))
         else:
             pj, source = v, ""
-        if isinstance(pj, bool) or not isinstance(pj, (int, float)) or not math.isfinite(pj) or pj < 0:
-            raise ProfileError(f"hardware profile {where}: cost of {op!r} must be a non-negative number of pJ, got {pj!r}")
+        if isinstance(pj, bool) or not isinstance(pj, (int, float)) or not math.isfinite(pj) or not 0 <= pj <= MAX_PJ:
+            raise ProfileError(f"hardware profile {where}: cost of {op!r} must be a non-negative number of pJ, at most "
+                               f"{MAX_PJ:g} (1 mJ per operation), got {pj!r}")
         ops[op] = OpCost(float(pj), source)
     return Profile(str(d.get("name") or default_name), ops, str(d.get("title", "")), str(d.get("citation", "")),
                    str(d.get("notes", "")))

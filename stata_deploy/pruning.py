@@ -201,7 +201,7 @@ class TokenMasks:
             raise StataError(f"not a valid token mask description ({e})") from None
 
     def save(self, path: str | Path) -> None:
-        from .checkpoint import atomic_write_text
+        from .fileio import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_json()))
 
@@ -214,17 +214,36 @@ class TokenMasks:
             d = json.loads(p.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise StataError(f"mask file {p} is not valid JSON ({e})") from None
-        return cls.from_json(d)
+        masks = cls.from_json(d)
+        if not masks.sites or all(m.all() for m in masks.sites.values()):  # a file that prunes nothing is a mistake
+            raise StataError(f"mask file {p} keeps every token at every site (nothing is pruned): use the model "
+                             "without masks")
+        return masks
 
     def check_model(self, cfg) -> None:
-        """Raise if these masks do not fit model config ``cfg``."""
+        """Raise if these masks do not fit model config ``cfg``: shapes and sites, the anchor token (position 0) kept
+        everywhere, at least one image token kept at every site and timestep."""
         if self.T != cfg.T or self.n_full != cfg.num_tokens:
             raise StataError(
                 f"masks are for T={self.T}, {self.n_full} tokens; the model has T={cfg.T}, {cfg.num_tokens} tokens"
             )
-        for s in self.sites:
+        first = 1 if getattr(cfg, "anchor", False) else 0
+        for s, m in sorted(self.sites.items()):
             if not 0 <= s < cfg.depth:
                 raise StataError(f"mask site {s} is not a block of this model (depth {cfg.depth})")
+            if first and not m[:, 0].all():
+                bad = np.flatnonzero(~m[:, 0]).tolist()
+                raise StataError(f"mask for site {s} drops the anchor token (position 0) at timesteps {bad}; "
+                                 "the anchor is never pruned")
+            if not m[:, first:].any(axis=1).all():
+                raise StataError(f"mask for site {s} keeps no image token at some timestep")
+
+    def check_weights(self, weights_sha256: str | None, path, run) -> None:
+        """Refuse masks calibrated for other weights than the run's (``meta['weights_sha256']``)."""
+        have = self.meta.get("weights_sha256")
+        if have and weights_sha256 and have != weights_sha256:
+            raise StataError(f"{path} was calibrated for other weights (sha256 {have[:12]}..., the run's are "
+                             f"{weights_sha256[:12]}...): regenerate it with `stata-deploy calibrate {run}`")
 
 
 def local_from_mask(index: TokenIndex | None, mask: np.ndarray, B: int, device) -> torch.Tensor:
@@ -264,10 +283,18 @@ def inter_alignment(shallow: list[torch.Tensor], deep: torch.Tensor) -> torch.Te
     return loss
 
 
+SCHEDULES = ("per-timestep", "fixed")
+
+
 @torch.no_grad()
-def calibrate_masks(model, batches, progress=None) -> TokenMasks:
-    """Freeze static per-timestep masks: per site and timestep, keep the tokens most often kept by dynamic top-k
-    on the calibration batches (later sites restricted to what earlier sites keep)."""
+def calibrate_masks(model, batches, progress=None, schedule: str = "per-timestep") -> TokenMasks:
+    """Freeze static masks: per site (and, with ``schedule="per-timestep"``, per timestep) keep the tokens most
+    often kept by dynamic top-k on the calibration batches (later sites restricted to what earlier sites keep).
+
+    ``schedule="fixed"``: the same tokens at every timestep (counts summed over T). A fixed schedule is entirely
+    structural, so a pruned NIR file is exact for a reader that ignores our metadata."""
+    if schedule not in SCHEDULES:
+        raise StataError(f"unknown mask schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
     cfg = model.cfg
     if not cfg.prune.active:
         raise StataError("this model has no pruning configured (method none or keep 1.0): nothing to calibrate")
@@ -292,7 +319,7 @@ def calibrate_masks(model, batches, progress=None) -> TokenMasks:
         k = num_keep(n_present, cfg.prune.keep)
         m = np.zeros((T, n_full), dtype=bool)
         for t in range(T):
-            c = counts[site][t].astype(float)
+            c = (counts[site].sum(0) if schedule == "fixed" else counts[site][t]).astype(float)
             c[~allowed[t]] = -1
             c[:fixed] = -1
             order = np.argsort(-c, kind="stable")[:k]
@@ -302,4 +329,5 @@ def calibrate_masks(model, batches, progress=None) -> TokenMasks:
         if mode == "drop":
             allowed = m
             n_present = k
-    return TokenMasks(sites, n_full, T, mode, meta={"method": cfg.prune.method, "keep": cfg.prune.keep})
+    return TokenMasks(sites, n_full, T, mode, meta={"method": cfg.prune.method, "keep": cfg.prune.keep,
+                                                    "schedule": schedule})

@@ -20,6 +20,9 @@ class Runtime(ABC):
     """
 
     name: str = "?"
+    # The command-line options this runtime honours (besides the file): the CLI refuses any other one that is given
+    # (e.g. --precision for a runtime that has no choice, --timeout where nothing runs in a child process).
+    accepts: tuple[str, ...] = ()
 
     def __init__(self, path: str | Path, **options):
         self.path = Path(path)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from .fileio import check_run_out, remove_if_empty
 from . import distributed as dist_
 from .config import PruneConfig, make_config
 from .data import Dataset, batches, load_dataset
@@ -56,6 +57,7 @@ class TrainConfig:
     device: str = "auto"
     train_limit: int | None = None  # use only the first N training images (quick runs)
     resume: bool = False
+    force: bool = False  # replace an existing run folder (without it, a non-empty --out is refused)
     progress: bool = True
     checkpoint_every: int = 0  # steps; 0 = only at the end of each epoch
     nproc: int = 1  # informational: processes requested (the launcher starts them; train() reads torchrun's env)
@@ -157,7 +159,7 @@ def _load_optimizer_state(opt, tensors: dict, meta: dict) -> None:
 
 
 # Fields of TrainConfig that may differ between a run and its --resume (they do not change the result).
-RESUME_FREE = ("resume", "progress", "out", "device", "checkpoint_every", "nproc")
+RESUME_FREE = ("resume", "force", "progress", "out", "device", "checkpoint_every", "nproc")
 
 
 def _resume_mismatch(saved: dict, tc: TrainConfig) -> list[str]:
@@ -197,6 +199,16 @@ def _save_checkpoint(out: Path, raw, opt, loop: _Loop, epoch_rng: torch.Tensor, 
     state = {**dataclasses.asdict(loop), "optimizer": opt_meta, "train": dataclasses.asdict(tc),
              "model": cfg.to_dict(), "world": world}
     ckpt.save_train_checkpoint(out, loop.step, tensors, state)
+    _test_pause_after(loop.step)
+
+
+def _test_pause_after(step: int) -> None:
+    """Test hook (tests/test_resume.py): with STATA_TEST_PAUSE_AFTER_STEP=k, training blocks for good right after
+    the checkpoint of step k is written, so a test can kill the run at exactly that point on any machine."""
+    k = os.environ.get("STATA_TEST_PAUSE_AFTER_STEP")
+    if k and int(k) == step:
+        while True:
+            time.sleep(1)
 
 
 def _restore_checkpoint(out: Path, raw, opt, tc: TrainConfig, cfg, env: dist_.DistEnv, gen: torch.Generator,
@@ -256,25 +268,14 @@ def train(tc: TrainConfig, ds: Dataset | None = None, log=print) -> dict:
         return _train(tc, ds, log if env.is_main else (lambda s: None), env, device)
     except BaseException:
         if env.is_main and not existed:
-            _remove_if_empty(out)  # a failed fresh run leaves no empty run folder behind
+            remove_if_empty(out)  # a failed fresh run leaves no empty run folder behind
         raise
     finally:
         dist_.teardown(env)
 
 
-def _remove_if_empty(folder: Path) -> None:
-    try:
-        if folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
-            for d in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-                d.rmdir()
-            folder.rmdir()
-    except OSError:
-        pass
-
-
-def _prepare_out(out: Path, resume: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise StataError(f"output path {out} exists and is not a folder")
+def _prepare_out(out: Path, resume: bool, force: bool = False) -> None:
+    check_run_out(out, force=force, resume=resume)
     if resume:
         if not out.is_dir():
             raise StataError(f"--resume: run folder not found: {out}")
@@ -305,7 +306,7 @@ def _train(tc: TrainConfig, ds: Dataset | None, log, env: dist_.DistEnv, device:
     cfg = model_config_for(tc, ds)
     out = Path(tc.out)
     if env.is_main:
-        _prepare_out(out, tc.resume)
+        _prepare_out(out, tc.resume, tc.force)
     dist_.barrier(env)
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)

@@ -252,15 +252,123 @@ def inputs(tmp_path_factory, digits, base_run, trained_run):
             data = (d / "m.onnx").read_bytes()
             (d / "trunc.onnx").write_bytes(data[: len(data) // 3])
             p["trunc_onnx"] = str(d / "trunc.onnx")
+    # --- issue 12 item 6/7: user data and config checks (labels, config bounds, bit depths, sizes, exported files)
+    import struct
+    import zipfile
+    import zlib
+
+    for key, bad in (("label_huge", 10_000_000), ("label_negative", -1)):
+        yl = y.copy()
+        yl[5] = bad
+        p[key] = _npz(d / f"{key}.npz", x_train=x, y_train=yl, x_test=xt, y_test=yt)
+    p["label_float"] = _npz(d / "label_float.npz", x_train=x, y_train=y + 0.5, x_test=xt, y_test=yt)
+    p["label_text"] = _npz(d / "label_text.npz", x_train=x, y_train=np.array([str(v) for v in y]), x_test=xt, y_test=yt)
+    p["label_onehot"] = _npz(d / "label_onehot.npz", x_train=x, y_train=np.eye(10, dtype=np.int64)[y], x_test=xt,
+                             y_test=yt)
+    with open(d / "giant_x.npy", "wb") as f:  # a header claiming 10^6 images of 4096x4096, no data
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False,
+                                                 "shape": (10**6, 1, 4096, 4096)})
+    with zipfile.ZipFile(d / "giant.npz", "w") as z:
+        z.write(d / "giant_x.npy", "x_train.npy")
+        for k, v in (("y_train", y), ("x_test", xt), ("y_test", yt)):
+            np.save(d / f"giant_{k}.npy", v)
+            z.write(d / f"giant_{k}.npy", f"{k}.npy")
+    p["giant_npz"] = f"npz:{d / 'giant.npz'}"
+    for key, upd in (("cfg_T_true", {"T": True}), ("cfg_scale_text", {"attn_scale": "big"}),
+                     ("cfg_depth_huge", {"depth": 1_000_000}), ("cfg_depth_40", {"depth": 40})):
+        r = _clone(base_run, d / key)
+        _edit_config(r, lambda c, upd=upd: c["model"].update(upd))
+        p[key] = str(r)
+    np.save(d / "img_negative.npy", -np.ones((8, 8), np.float32))
+    p["img_negative"] = str(d / "img_negative.npy")
+    np.save(d / "img_complex.npy", np.ones((8, 8), np.complex64))
+    p["img_complex"] = str(d / "img_complex.npy")
+    with open(d / "img_huge.npy", "wb") as f:  # header only: (100000, 100000) float32 = 40 GB claimed
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (100_000, 100_000)})
+    p["img_huge_npy"] = str(d / "img_huge.npy")
+    np.save(d / "img_frames3.npy", np.repeat(xt[:1], 3, 0))  # (3, 1, 8, 8): 3 frames for a T=4 model
+    p["img_frames3"] = str(d / "img_frames3.npy")
+
+    def _chunk(t, b):
+        return struct.pack(">I", len(b)) + t + b + struct.pack(">I", zlib.crc32(t + b) & 0xFFFFFFFF)
+
+    zc = zlib.compressobj(9)  # a 20000x20000 1-bit PNG (400 megapixels) in ~50 KB, written row by row
+    idat = b"".join(zc.compress(b"\0" * 2501) for _ in range(20000)) + zc.flush()
+    ihdr = _chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 1, 0, 0, 0, 0))
+    (d / "img_400mp.png").write_bytes(b"\x89PNG\r\n\x1a\n" + ihdr + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
+    p["img_400mp"] = str(d / "img_400mp.png")
+    if "onnx" in p:
+        import onnx
+        from onnx import numpy_helper
+
+        def _onnx_variant(key, desc_fn=None, nan=False):
+            m = onnx.load(p["onnx"])
+            if desc_fn:
+                dd = json.loads(m.metadata_props[0].value)
+                desc_fn(dd)
+                m.metadata_props[0].value = json.dumps(dd)
+            if nan:
+                t = m.graph.initializer[0]
+                a = numpy_helper.to_array(t).copy()
+                a.flat[0] = np.nan
+                t.CopyFrom(numpy_helper.from_array(a, t.name))
+            onnx.save(m, str(d / f"{key}.onnx"))
+            p[key] = str(d / f"{key}.onnx")
+
+        _onnx_variant("onnx_nan", nan=True)
+        _onnx_variant("onnx_T8", lambda dd: (dd.update(T=8), dd["config"].update(T=8)))
+        _onnx_variant("onnx_T_true", lambda dd: dd["config"].update(T=True))
+    if "export" in main.commands:
+        r = CliRunner().invoke(main, ["export", str(base_run), "--to", "nir", "--out", str(d / "m.nir")])
+        if r.exit_code == 0:
+            import nir
+
+            def _nir_variant(key, desc=None, nan=False):
+                g = nir.read(str(d / "m.nir"))
+                if desc:
+                    dd = json.loads(g.metadata["stata_deploy"])
+                    dd.update(desc)
+                    g.metadata["stata_deploy"] = json.dumps(dd)
+                if nan:
+                    node = next(n for n in g.nodes.values() if hasattr(n, "weight"))
+                    w = np.array(node.weight, dtype=np.float64)
+                    w.flat[0] = np.nan
+                    node.weight = w
+                nir.write(str(d / f"{key}.nir"), g)
+                p[key] = str(d / f"{key}.nir")
+
+            _nir_variant("nir_nan", nan=True)
+            _nir_variant("nir_dt0", {"dt": 0})
+            _nir_variant("nir_T_huge", {"T": 1_000_000})
     return p
+
+
+def _mask_files(d: Path, stata_run: str) -> dict[str, str]:
+    """Masks that fit the STATA run's shapes but break a rule: anchor dropped, no image token, nothing pruned."""
+    cfg = json.loads((Path(stata_run) / "config.json").read_text())["model"]
+    T, n = cfg["T"], (cfg["img_size"] // 2 ** cfg.get("pool_stages", 0)) ** 2 + 1
+    good = np.zeros((T, n), dtype=bool)
+    good[:, : n // 2] = True
+    variants = {"anchor": good.copy(), "empty": np.zeros((T, n), dtype=bool), "all": np.ones((T, n), dtype=bool)}
+    variants["anchor"][:, 0] = False
+    variants["anchor"][:, n // 2] = True
+    variants["empty"][:, 0] = True
+    out = {}
+    for k, m in variants.items():
+        f = d / f"masks_{k}.json"
+        f.write_text(json.dumps({"T": T, "n_full": n, "mode": "drop", "sites": {"1": m.astype(int).tolist()}}))
+        out[f"masks_{k}"] = str(f)
+    return out
 
 
 @pytest.fixture
 def paths(inputs, tmp_path):
     (tmp_path / "a_file.txt").write_text("I am a regular file")
+    (tmp_path / "link.onnx").symlink_to(tmp_path / "a_file.txt")
     return {**inputs, "out": str(tmp_path / "out"), "out_json": str(tmp_path / "out" / "m.json"),
             "under_file": str(tmp_path / "a_file.txt" / "out"), "existing_file": str(tmp_path / "a_file.txt"),
-            "ro": str(tmp_path / "ro"), "tmp": str(tmp_path)}
+            "ro": str(tmp_path / "ro"), "tmp": str(tmp_path), "symlink_onnx": str(tmp_path / "link.onnx"),
+            **_mask_files(tmp_path, inputs["stata"])}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -447,6 +555,49 @@ CASES.update({
         "a folder": Case(["inspect", "{dir_nir}"], "directory"),
     },
 })
+# --- issue 12 item 6/7: user data and config checks
+CASES["train"].update({
+    "label 1e7": Case(T + ["--dataset", "{label_huge}", "--out", "{out}"], "label 10000000 is too large", ("{out}",)),
+    "label -1": Case(T + ["--dataset", "{label_negative}", "--out", "{out}"], "label -1 is negative", ("{out}",)),
+    "float labels": Case(T + ["--dataset", "{label_float}", "--out", "{out}"], "is not an integer", ("{out}",)),
+    "text labels": Case(T + ["--dataset", "{label_text}", "--out", "{out}"], "integer class indices", ("{out}",)),
+    "one-hot labels": Case(T + ["--dataset", "{label_onehot}", "--out", "{out}"], "one-hot", ("{out}",)),
+    "npz header claims a giant array": Case(T + ["--dataset", "{giant_npz}", "--out", "{out}"], "too large",
+                                            ("{out}",)),
+})
+CASES["eval"].update({
+    "config T true": Case(["eval", "{cfg_T_true}"], "T must be a positive integer"),
+    "config attn_scale text": Case(["eval", "{cfg_scale_text}"], "attn_scale must be a number"),
+    "config depth 1000000 (before building)": Case(["eval", "{cfg_depth_huge}"], "depth must be a positive integer"),
+    "config depth vs weights header": Case(["eval", "{cfg_depth_40}"], "holds 2 blocks"),
+    "label -1 in test data": Case(["eval", "{base}", "--dataset", "{label_negative}"], "negative"),
+})
+CASES["export"].update({
+    "config depth 1000000": Case(["export", "{cfg_depth_huge}", "--to", "onnx", "--out", "{out}/m.onnx"],
+                                 "depth must be a positive integer", ("{out}",)),
+})
+CASES["energy"].update({
+    "config T true": Case(["energy", "{cfg_T_true}", "--limit", "4"], "T must be a positive integer"),
+})
+CASES["run"].update({
+    "negative .npy image": Case(["run", "{onnx}", "--image", "{img_negative}"], "negative values"),
+    "complex .npy image": Case(["run", "{onnx}", "--image", "{img_complex}"], "complex"),
+    "huge .npy (header only)": Case(["run", "{onnx}", "--image", "{img_huge_npy}"], "too large"),
+    "400-megapixel PNG": Case(["run", "{onnx}", "--image", "{img_400mp}"], "400.0 megapixels"),
+    "(T, C, H, W) with the wrong T": Case(["run", "{onnx}", "--image", "{img_frames3}"], "3 frames"),
+    "onnx NaN weights": Case(["run", "{onnx_nan}", "--limit", "4"], "NaN"),
+    "onnx description says T=8": Case(["run", "{onnx_T8}", "--limit", "4"], "says T=8"),
+    "onnx config T true": Case(["run", "{onnx_T_true}", "--limit", "4"], "T must be a positive integer"),
+    "nir NaN weights": Case(["run", "{nir_nan}", "--limit", "4"], "NaN"),
+    "nir dt 0": Case(["run", "{nir_dt0}", "--limit", "4"], "dt must be a positive"),
+    "nir T 1000000": Case(["run", "{nir_T_huge}", "--limit", "4"], "T must be an integer"),
+    "config depth 1000000 (torch runtime)": Case(["run", "{cfg_depth_huge}", "--limit", "4"], "depth must be"),
+})
+CASES["inspect"].update({
+    "nir NaN weights": Case(["inspect", "{nir_nan}"], "NaN"),
+    "nir dt 0": Case(["inspect", "{nir_dt0}"], "dt must be a positive"),
+})
+
 for _cmd in [c for c in list(CASES) if c not in ("train", "eval", "prune", "calibrate", "presets")]:
     if _cmd not in main.commands:  # a command not (yet) in this checkout
         del CASES[_cmd]
@@ -468,6 +619,51 @@ for _cmd, (_argv, _target) in WRITERS.items():
                                                                 sim="read_only", setup="mkdir_ro")
     CASES[_cmd]["output under a regular file"] = Case([a.replace("{target}", "{under_file}") for a in _argv],
                                                       "Not a directory", ())
+
+# --- issue 12 items 4, 5, 7, 8: output locations, refused options, masks that break the rules
+CASES["train"].update({
+    "--out an existing run": Case(T + TINY + ["--out", "{base}"], "already exists"),
+    "--out an existing folder with files": Case(T + TINY + ["--out", "{tmp}"], "already exists"),
+})
+CASES["prune"].update({
+    "--out is the source run": Case(["prune", "{base}", "--keep", "0.5", "--out", "{base}"], "source run itself"),
+    "--out another run": Case(["prune", "{base}", "--keep", "0.5", "--out", "{stata}"], "already exists"),
+})
+CASES["calibrate"].update({
+    "--out the run's config.json": Case(["calibrate", "{stata}", "--samples", "8", "--out", "{stata}/config.json"],
+                                        "run folder's own files"),
+    "--out not .json": Case(["calibrate", "{stata}", "--samples", "8", "--out", "{out}/m.txt"], "must end in .json",
+                            ("{out}",)),
+    "--out a device node": Case(["calibrate", "{stata}", "--samples", "8", "--out", "/dev/null"], "must end in"),
+})
+CASES["eval"].update({
+    "masks drop the anchor": Case(["eval", "{stata}", "--masks", "{masks_anchor}"], "anchor"),
+    "masks keep no image token": Case(["eval", "{stata}", "--masks", "{masks_empty}"], "no image token"),
+    "masks keep everything": Case(["eval", "{stata}", "--masks", "{masks_all}"], "nothing is pruned"),
+})
+if "export" in CASES:
+    CASES["export"].update({
+        "--out the run's weights": Case(["export", "{base}", "--to", "onnx", "--out", "{base}/model.safetensors"],
+                                        "must end in .onnx"),
+        "--out a symlink": Case(["export", "{base}", "--to", "onnx", "--out", "{symlink_onnx}"], "symbolic link"),
+        "--split for onnx": Case(["export", "{base}", "--to", "onnx", "--split", "--out", "{out}/m.onnx"],
+                                 "--split does not apply", ("{out}",)),
+    })
+if "run" in CASES:
+    CASES["run"].update({
+        "--precision for torch": Case(["run", "{base}", "--runtime", "torch", "--precision", "fixed"],
+                                      "does not apply"),
+        "--precision for nir": Case(["run", "{onnx}", "--runtime", "nir", "--precision", "float"], "does not apply"),
+        "--timeout for onnxruntime": Case(["run", "{onnx}", "--timeout", "5"], "does not apply"),
+        "--timeout nan": Case(["run", "{onnx}", "--runtime", "lava", "--timeout", "nan"], "not a finite number"),
+        "--timeout inf": Case(["run", "{onnx}", "--runtime", "lava", "--timeout", "inf"], "not a finite number"),
+        "unknown option": Case(["run", "{onnx}", "--frobnicate"], "no such option"),
+    })
+if "energy" in CASES:
+    CASES["energy"].update({
+        "--plot e.xyz": Case(["energy", "{base}", "--limit", "4", "--plot", "{out}/e.xyz"], "must end in .png",
+                             ("{out}",)),
+    })
 
 PARAMS = [pytest.param(cmd, name, case, id=f"{cmd}: {name}") for cmd, cases in CASES.items()
           for name, case in cases.items()]

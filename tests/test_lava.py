@@ -148,15 +148,22 @@ def test_interrupted_run_leaves_no_process_or_shared_memory(lava_rts, digits):
     rt = lava_rts["sdsa"]  # already built, compiled and run by the parity test: its channels exist
     try:
         rt.run(digits.x_test[:4])
-        timer = threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGINT))
-        timer.start()
+        w = rt._worker
+        w.send_raw({"cmd": "hang"})  # the simulation never answers: the interrupt lands mid-request on any machine
+        read_reply = w._read_reply
+
+        def interrupted_read_reply():  # Ctrl-C while the parent waits for the answer (inside select)
+            threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+            return read_reply()
+
+        w._read_reply = interrupted_read_reply
         with pytest.raises(KeyboardInterrupt):
-            rt.run(digits.x_test[:400])  # 25 chunks: far longer than 1.5 s
-        timer.cancel()
-        w = rt.last_worker
-        assert w is not None and w.shm_names, "the worker logged no shared memory before the interrupt"
+            rt.run(digits.x_test[:400])
+        assert rt.last_worker is w
+        assert w.shm_names, "the worker logged no shared memory before the interrupt"
         assert _group_gone(w.pgid)
         assert not [n for n in w.shm_names if os.path.exists(f"/dev/shm/{n.lstrip('/')}")]
+        assert not w.dir.exists()
     finally:
         rt.close()
 
@@ -168,11 +175,19 @@ def test_timeout_and_crash_kill_the_group(nir_files, digits):
     from runtimes.lava_runtime import LavaRuntime, LavaTimeout
 
     _, _, path = nir_files["sdsa"]
-    rt = LavaRuntime(path, batch=8, timeout=3)
-    with pytest.raises(LavaTimeout):
-        rt.run(digits.x_test[:8])
-    assert _group_gone(rt.last_worker.pgid)
-    rt.close()
+    rt = LavaRuntime(path, batch=8, timeout=120)
+    try:
+        w = rt._ensure_worker()  # built under the generous timeout
+        w.send_raw({"cmd": "hang"})  # then it never answers, however fast the machine
+        w.timeout = 1.0
+        t0 = time.monotonic()
+        with pytest.raises(LavaTimeout, match="timeout"):
+            rt.run(digits.x_test[:8])
+        assert time.monotonic() - t0 < 30
+        assert _group_gone(w.pgid)
+        assert not w.dir.exists()
+    finally:
+        rt.close()
     rt = LavaRuntime(path, batch=8, timeout=120)
     try:
         w = rt._ensure_worker()
@@ -181,8 +196,59 @@ def test_timeout_and_crash_kill_the_group(nir_files, digits):
             w._read_reply()
         w.kill()
         assert _group_gone(w.pgid)
+        assert not w.dir.exists()
     finally:
         rt.close()
+
+
+def test_spec_round_trips_through_json_and_npz_without_pickle(nir_files, tmp_path):
+    """The worker's spec: JSON + one .npz (allow_pickle=False), decoded by the worker with numpy (+ scipy) only."""
+    import json
+    import subprocess
+    import sys
+
+    import scipy.sparse as sp
+
+    from runtimes.lava_runtime import _write_spec, lower_graph
+    from runtimes.lava_worker import decode_spec
+    from runtimes.nir_graph import read_graph
+
+    def same(a, b, where="spec"):
+        assert type(a) is type(b) or {type(a), type(b)} <= {float, np.float64}, (where, type(a), type(b))
+        if isinstance(a, dict):
+            assert a.keys() == b.keys(), where
+            for k in a:
+                same(a[k], b[k], f"{where}.{k}")
+        elif isinstance(a, (list, tuple)):
+            assert len(a) == len(b), where
+            for i, (x, y) in enumerate(zip(a, b)):
+                same(x, y, f"{where}[{i}]")
+        elif isinstance(a, np.ndarray):
+            assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=True), where
+        elif sp.issparse(a):
+            assert a.shape == b.shape and a.dtype == b.dtype and (a != b).nnz == 0, where
+        else:
+            assert a == b, (where, a, b)
+
+    for precision in ("float", "fixed"):
+        spec = lower_graph(read_graph(nir_files["ssa"][2]), 4, precision).spec(buffer=4)
+        path = tmp_path / precision / "spec.json"
+        path.parent.mkdir()
+        _write_spec(spec, path)
+        assert sorted(p.name for p in path.parent.iterdir()) == ["spec.json", "spec.npz"]
+        assert json.loads(path.read_text())["format"] == "stata-lava-spec/1"
+        same(spec, decode_spec(str(path)))
+    assert any(p["cls"] == "SynapseNeuron" and sp.issparse(p["kwargs"]["syn"]["weight"]) for p in spec["procs"])
+    with pytest.raises(TypeError, match="object array"):
+        _write_spec({"bad": np.array([None, 1], dtype=object)}, tmp_path / "bad.json")
+    with pytest.raises(TypeError, match="keys must be str"):
+        _write_spec({"__tuple__": 1}, tmp_path / "bad.json")
+    code = ("import sys; import runtimes.lava_worker as w; w.decode_spec(sys.argv[1]); "
+            "print([m for m in sys.modules if m.split('.')[0] in ('torch', 'stata_deploy')])")
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    print(r.stdout)
+    assert "torch" not in r.stdout and "stata_deploy" not in r.stdout
 
 
 @needs_lava

@@ -131,8 +131,12 @@ def test_lif_mapping_and_bn_folding(tmp_path, xcal):
     g, _ = build_graph(model, None)
     lif = g.nodes["blocks.0.mlp.fc1_lif"]
     assert lif.tau.dtype == np.float64 and np.all(lif.tau == TAU * NIR_DT)
-    assert np.all(lif.v_threshold == 1.0) and np.all(lif.v_reset == 0.0) and np.all(lif.r == 1.0)
-    assert np.all(g.nodes["blocks.0.attn.attn_lif"].v_threshold == 0.5)
+    # NIR fires at v > v_threshold: the file holds the float32 just below V_th, so that v > it <=> v >= V_th
+    below1 = np.float64(np.nextafter(np.float32(1.0), np.float32(-np.inf)))
+    assert np.all(lif.v_threshold == below1) and np.all(lif.v_reset == 0.0) and np.all(lif.r == 1.0)
+    assert np.all(g.nodes["blocks.0.attn.attn_lif"].v_threshold == np.nextafter(np.float32(0.5), np.float32(0)))
+    v = np.arange(-4096, 4097, dtype=np.float32) * np.float32(2 ** -24) + np.float32(1.0)  # every float32 near 1
+    assert np.array_equal(v > np.float32(below1), v >= np.float32(1.0))
     assert np.all(g.nodes["blocks.0.attn.kv_and"].tau == NIR_DT)  # memoryless AND gate
     # BN folded: conv output equals BN(Linear(x)) of torch for a random token
     fc1 = model.blocks[0].mlp.fc1

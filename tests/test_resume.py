@@ -59,22 +59,27 @@ def _history(run):
 def test_sigkill_at_random_step_then_resume_is_bitwise_identical(tmp_path, tiny_npz):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ref, crash = tmp_path / "ref", tmp_path / "crash"
-    # the uninterrupted run and the run to be killed share the 2 cores, so start both at once
-    p_ref = subprocess.Popen(_cli(tiny_npz, ref), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    p = subprocess.Popen(_cli(tiny_npz, crash), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     seed = random.randrange(1 << 30)
     kill_after = random.Random(seed).randint(2, STEPS - 3)
+    print(f"\nkilling after the checkpoint of step {kill_after} of {STEPS} (seed {seed})")
+    # the uninterrupted run and the run to be killed share the 2 cores, so start both at once; the one to be killed
+    # blocks right after writing the checkpoint of step kill_after (stata_deploy.train's test hook), so the kill
+    # lands exactly there however fast the machine is
+    p_ref = subprocess.Popen(_cli(tiny_npz, ref), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.Popen(_cli(tiny_npz, crash), env=dict(env, STATA_TEST_PAUSE_AFTER_STEP=str(kill_after)),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     killed_at = None
     while time.monotonic() < deadline and p.poll() is None:
         done = [s for s, _ in ckpt.list_train_checkpoints(crash)]
-        if done and max(done) >= kill_after:
+        if kill_after in done:
             os.kill(p.pid, signal.SIGKILL)
             killed_at = max(done)
             break
-        time.sleep(0.01)
+        time.sleep(0.05)
     p.wait(30)
-    assert killed_at is not None and p.returncode == -signal.SIGKILL, (seed, p.returncode, p.stderr.read())
+    assert killed_at == kill_after and p.returncode == -signal.SIGKILL, (seed, killed_at, p.returncode,
+                                                                          p.stderr.read())
     assert not (crash / "metrics.json").exists(), "the run finished before it was killed"
     r = subprocess.run(_cli(tiny_npz, crash, "--resume"), env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr

@@ -95,7 +95,7 @@ def test_bad_inputs_one_line_exit_2(onnx_file, run_dir, tmp_path):
     foreign = tmp_path / "foreign.onnx"
     torch.onnx.export(torch.nn.Linear(3, 2), (torch.zeros(1, 3),), str(foreign), dynamo=False)
     bad_masks = tmp_path / "masks.json"
-    bad_masks.write_text(json.dumps({"n_full": 17, "T": 4, "mode": "drop", "sites": {"1": [[1] * 17] * 4}}))
+    bad_masks.write_text(json.dumps({"n_full": 17, "T": 4, "mode": "drop", "sites": {"1": [[1] * 9 + [0] * 8] * 4}}))
     out = tmp_path / "never.onnx"
     cases = [
         (["run", onnx_file, "--image", big], "expects (1, 8, 8)"),

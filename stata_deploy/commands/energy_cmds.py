@@ -10,7 +10,24 @@ from ..cli import emit, main, set_threads, threads_option
 from ..errors import StataError
 
 
-def _masks_for(run: str, model, mode: str):
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def _set_ratio(res: dict, key: str, a: float, b: float, why_undefined: str) -> None:
+    """res[key] = a / b, or None with the reason in res['null_reasons'] (strict JSON has no NaN)."""
+    r = a / b if b else math.nan
+    if math.isfinite(r):
+        res[key] = r
+    else:
+        res[key] = None
+        res.setdefault("null_reasons", {})[key] = why_undefined
+
+
+def _fmt_ratio(r) -> str:
+    return "undefined" if r is None else f"{r:.4f}"
+
+
+def _masks_for(run: str, model, mode: str, weights_sha256: str | None = None):
     """Static masks (RUN/masks.json) when asked for and the model prunes; None means dynamic pruning."""
     if mode != "static" or not model.cfg.prune.active:
         return None
@@ -21,6 +38,7 @@ def _masks_for(run: str, model, mode: str):
     if not p.is_file():
         raise StataError(f"--masks static needs {p}: run `stata-deploy calibrate {run}` first")
     masks = TokenMasks.load(p)
+    masks.check_weights(weights_sha256, p, run)
     masks.check_model(model.cfg)
     return masks
 
@@ -35,8 +53,8 @@ def measure(run: str, x, y, masks_mode: str = "dynamic", batch_size: int = 64, p
     from ..inference import run_torch
     from ..sops import OpsReport, count_ops
 
-    model, _ = load_model(run)
-    masks = _masks_for(run, model, masks_mode)
+    model, meta = load_model(run)
+    masks = _masks_for(run, model, masks_mode, meta.get("weights_sha256"))
     reports, correct = [], 0
     n = len(x)
     for i in tqdm(range(0, n, batch_size), desc=f"count {Path(run).name}", disable=not progress, leave=False):
@@ -130,9 +148,12 @@ def plot_layers(path: str, layers: list[dict], base_layers: list[dict] | None, t
     ax.set_ylabel("energy per inference (mJ)")
     ax.set_title(title)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from ..fileio import write_via_buffer
+
+    try:
+        write_via_buffer(Path(path), lambda buf: fig.savefig(buf, dpi=120, format=Path(path).suffix[1:].lower()))
+    finally:
+        plt.close(fig)
 
 
 @main.command()
@@ -163,8 +184,12 @@ def energy(run, hardware, baseline, dataset, limit, masks_mode, batch_size, plot
     from ..energy import estimate_energy, load_profile
     from .train_cmds import _load_eval_data, check_data_fits
 
+    from ..fileio import check_output
+
     set_threads(threads)
     profile = load_profile(hardware)  # fail fast on a bad profile
+    if plot_path:
+        check_output(plot_path, suffixes=PLOT_SUFFIXES, what="--plot")
     cfg, meta = load_config(run)
     ds = _load_eval_data(meta, dataset, cfg.T)
     check_data_fits(cfg, ds)
@@ -182,8 +207,8 @@ def energy(run, hardware, baseline, dataset, limit, masks_mode, batch_size, plot
         ben = estimate_energy(brep, profile)
         base_layers = _layers(brep, ben)
         res["baseline"] = {"run": str(baseline), **_summary(brep, ben, bacc, bmasks)}
-        res["ops_ratio"] = rep.sops / brep.sops if brep.sops else math.nan
-        res["energy_ratio"] = en.total_mj / ben.total_mj if ben.total_mj else math.nan
+        _set_ratio(res, "ops_ratio", rep.sops, brep.sops, "the baseline performs 0 operations")
+        _set_ratio(res, "energy_ratio", en.total_mj, ben.total_mj, f"the baseline costs 0 mJ on {profile.name}")
     if plot_path:
         plot_layers(plot_path, res["layers"], base_layers,
                     f"{Path(run).name} on {profile.name}" + (f" vs {Path(baseline).name}" if baseline else ""))
@@ -195,7 +220,8 @@ def energy(run, hardware, baseline, dataset, limit, masks_mode, batch_size, plot
     if en.not_costed:
         lines.append("not costed by this profile (explicit 0): " + ", ".join(f"{k} ({v})" for k, v in en.not_costed.items()))
     if baseline:
-        lines.append(f"vs {baseline}: ops_ratio {res['ops_ratio']:.4f}  energy_ratio {res['energy_ratio']:.4f}")
+        lines.append(f"vs {baseline}: ops_ratio {_fmt_ratio(res['ops_ratio'])}  "
+                     f"energy_ratio {_fmt_ratio(res['energy_ratio'])}")
     if plot_path:
         lines.append(f"plot written to {plot_path}")
     lines.append(f"profile source: {profile.citation}")

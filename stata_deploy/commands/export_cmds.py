@@ -10,8 +10,9 @@ from ..cli import emit, main, set_threads, threads_option
 from ..errors import StataError
 
 
-def resolve_masks(run_dir: Path, cfg, choice: str | None):
-    """(TokenMasks | None, dynamic: bool) for --masks static|dynamic|PATH (None: RUN/masks.json when present)."""
+def resolve_masks(run_dir: Path, cfg, choice: str | None, weights_sha256: str | None = None):
+    """(TokenMasks | None, dynamic: bool) for --masks static|dynamic|PATH (None: RUN/masks.json when present).
+    Masks calibrated for other weights (their ``weights_sha256`` differs) are refused."""
     from ..pruning import TokenMasks
 
     default = run_dir / "masks.json"
@@ -29,6 +30,7 @@ def resolve_masks(run_dir: Path, cfg, choice: str | None):
     else:
         path = Path(choice)
     masks = TokenMasks.load(path)
+    masks.check_weights(weights_sha256, path, run_dir)
     try:
         masks.check_model(cfg)
         if cfg.prune.active:
@@ -62,28 +64,26 @@ def export(run, target, out, masks_opt, split, as_json, threads):
     A failed export leaves no file behind.
     """
     from ..checkpoint import load_model, resolve_run
+    from ..fileio import check_output
     from ..registry import EXPORTERS
 
     set_threads(threads)
     exporter_cls = EXPORTERS.get(target)
     run_dir = resolve_run(run)
-    model, _ = load_model(run_dir)
-    masks, dynamic = resolve_masks(run_dir, model.cfg, masks_opt)
+    model, meta = load_model(run_dir)
+    masks, dynamic = resolve_masks(run_dir, model.cfg, masks_opt, meta.get("weights_sha256"))
     exporter = exporter_cls()
-    out_path = Path(out) if out else run_dir / f"model{exporter.suffix}"
-    options = {"run_dir": str(run_dir.resolve())}
+    if split and "split" not in exporter.accepts:
+        raise StataError(f"--split does not apply to the {target} exporter (only to: nir)")
+    out_path = check_output(Path(out) if out else run_dir / f"model{exporter.suffix}",
+                            suffixes=(exporter.suffix,), what=f"{target} output")
+    options = {"run_dir": str(run_dir.resolve()), "weights_sha256": meta.get("weights_sha256")}
     if dynamic:
         options["dynamic_masks"] = True
     if split:
         options["split"] = True
-    existed = out_path.exists()
     t0 = time.perf_counter()
-    try:
-        summary = exporter.export(model, masks, out_path, **options)
-    except BaseException:
-        if not existed and out_path.exists():  # belt and braces: exporters write atomically already
-            out_path.unlink()
-        raise
+    summary = exporter.export(model, masks, out_path, **options)  # atomic (stata_deploy.fileio): no partial file
     summary = {"path": str(out_path), **(summary or {}), "exporter": target,
                "masks": "static" if masks is not None else ("dynamic" if dynamic else "none"),
                "seconds": time.perf_counter() - t0}

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..cli import emit, main, set_threads, threads_option
+from ..cli import FiniteFloat, emit, main, set_threads, threads_option
 from ..errors import StataError
 
 SUFFIX_RUNTIME = {".onnx": "onnxruntime", ".nir": "nir", ".h5": "lava", ".net": "lava"}
@@ -59,7 +59,14 @@ def _reference(rt):
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise StataError(f"--compare torch: the run folder recorded in {rt.path} ({run_dir}) is missing")
-    return TorchRuntime(run_dir, masks=rt.masks)
+    ref = TorchRuntime(run_dir, masks=rt.masks)
+    have = (getattr(rt, "description", None) or {}).get("weights_sha256")
+    want = ref.meta.get("weights_sha256")
+    if have and want and have != want:
+        raise StataError(f"--compare torch: {rt.path} was exported from other weights than {run_dir} now holds "
+                         f"(sha256 {have[:12]}... vs {want[:12]}...): re-export it with `stata-deploy export {run_dir} "
+                         f"--to {rt.path.suffix.lstrip('.') or 'FORMAT'}`")
+    return ref
 
 
 def _percentiles(seconds: list[float]) -> dict:
@@ -87,7 +94,8 @@ def _count_sops(rt, res):
               help="--image: timed repetitions for the latency percentiles.")
 @click.option("--compare", default=None, type=click.Choice(["torch"]), help="Also run the torch reference; count mismatches.")
 @click.option("--precision", default=None, type=click.Choice(["float", "fixed"]), help="Runtime arithmetic (if it has a choice).")
-@click.option("--timeout", default=None, type=click.FloatRange(0, None, min_open=True), help="Runtime time limit, seconds.")
+@click.option("--timeout", default=None, type=FiniteFloat(0, 7 * 86400, lo_open=True),
+              help="Runtime time limit, seconds (runtimes with a child process, e.g. lava).")
 @click.option("--hardware", default=None, help="Runtime hardware target (runtimes that have one, e.g. lava).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 @threads_option
@@ -110,8 +118,14 @@ def run_cmd(file, runtime_name, dataset, limit, batch_size, image, repeat, compa
         raise StataError(f"model file not found: {path}")
     name = runtime_name or infer_runtime(path)
     cls = RUNTIMES.get(name)
-    opts = {k: v for k, v in dict(precision=precision, timeout=timeout, hardware=hardware, threads=threads).items()
-            if v is not None}
+    given = {k: v for k, v in dict(precision=precision, timeout=timeout).items() if v is not None}
+    refused = [k for k in given if k not in cls.accepts]
+    if refused:  # an option the runtime would ignore is refused, not silently dropped
+        have = ", ".join(f"--{a}" for a in cls.accepts if a != "threads") or "none"
+        raise StataError(f"--{refused[0]} does not apply to the {name} runtime (its options: {have})")
+    opts = dict(given, hardware=hardware) if hardware is not None else dict(given)
+    if threads is not None and "threads" in cls.accepts:
+        opts["threads"] = threads
     rt = cls(path, **opts)
     try:
         if image is not None:
@@ -128,12 +142,17 @@ def _run_image(rt, image: Path, repeat: int, compare) -> dict:
     from ..data import load_image
 
     cfg = rt.cfg
-    x = load_image(image)
+    x = load_image(image, frames=True)  # (C, H, W), or a .npy (T, C, H, W): one frame per timestep
+    seq = x.ndim == 4
+    if seq and x.shape[0] != cfg.T:
+        raise StataError(f"input {image} has shape {tuple(x.shape)}: {x.shape[0]} frames (T, C, H, W), but the model "
+                         f"runs T={cfg.T} timesteps (give {cfg.T} frames, or one (C, H, W) image to repeat)")
+    frame = x[0] if seq else x
     want = (cfg.in_channels, cfg.img_size, cfg.img_size)
-    if tuple(x.shape) != want:
-        raise StataError(f"image {image} has shape {tuple(x.shape)} (channels, height, width); the model expects "
-                         f"{want}" + (" — convert it first" if x.shape[0] != want[0] else " — resize it first"))
-    xb = x[None]
+    if tuple(frame.shape) != want:
+        raise StataError(f"image {image} has shape {tuple(frame.shape)} (channels, height, width); the model expects "
+                         f"{want}" + (" — convert it first" if frame.shape[0] != want[0] else " — resize it first"))
+    xb = x[:, None] if seq else x[None]  # (T, 1, C, H, W) frames or (1, C, H, W) repeated over T by the runtime
     res = rt.run(xb, record=True)  # also the warm-up
     times = [rt.run(xb, record=False).seconds for _ in range(repeat)]
     logits = res.logits[0]

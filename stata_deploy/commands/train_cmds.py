@@ -57,6 +57,7 @@ def _sites(ctx, param, value):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its newest good checkpoint "
               "(same options required; a corrupted newest checkpoint falls back to the previous one).")
+@click.option("--force", is_flag=True, help="Replace an existing run in --out (without it a non-empty --out is refused).")
 @click.option("--checkpoint-every", default=0, show_default=True, type=click.IntRange(0, None),
               help="Also write a training checkpoint every N optimizer steps (0: only at the end of each epoch).")
 @click.option("--nproc", default=1, show_default=True, type=click.IntRange(1, 64),
@@ -67,7 +68,7 @@ def _sites(ctx, param, value):
 @threads_option
 @click.pass_context
 def train(ctx, dataset, preset, attention, prune, keep, sites, align, epochs, batch_size, lr, T, seed, train_limit,
-          device, out, resume, checkpoint_every, nproc, quiet, as_json, threads):
+          device, out, resume, force, checkpoint_every, nproc, quiet, as_json, threads):
     """Train a spiking transformer, optionally with token pruning.
 
     \b
@@ -83,9 +84,13 @@ def train(ctx, dataset, preset, attention, prune, keep, sites, align, epochs, ba
 
     tc = TrainConfig(dataset=dataset, model=preset, out=out, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                      T=T, attention=attention, prune=prune, keep=keep, sites=sites, align=align, device=device,
-                     train_limit=train_limit, resume=resume, progress=not quiet, checkpoint_every=checkpoint_every,
-                     nproc=nproc)
+                     train_limit=train_limit, resume=resume, force=force, progress=not quiet,
+                     checkpoint_every=checkpoint_every, nproc=nproc)
     tc.validate()
+    from ..fileio import check_run_out
+
+    if os.environ.get("RANK", "0") == "0":
+        check_run_out(out, force=force, resume=resume)  # before any data is loaded
     if nproc > 1:
         from ..distributed import env_world_size, launch
 
@@ -163,11 +168,12 @@ def eval_cmd(run, dataset, masks_path, limit, as_json, threads):
 
     set_threads(threads)
     model, meta = load_model(run)
-    ds = _load_eval_data(meta, dataset, model.cfg.T)
-    check_data_fits(model.cfg, ds)
     masks = TokenMasks.load(masks_path) if masks_path else None
     if masks is not None:
+        masks.check_weights(meta.get("weights_sha256"), masks_path, run)
         masks.check_model(model.cfg)
+    ds = _load_eval_data(meta, dataset, model.cfg.T)
+    check_data_fits(model.cfg, ds)
     x, y = ds.x_test[:limit], ds.y_test[:limit]
     t0 = time.perf_counter()
     res = evaluate(model, x, y, masks=masks, progress=not as_json)
@@ -181,11 +187,12 @@ def eval_cmd(run, dataset, masks_path, limit, as_json, threads):
 @click.option("--keep", required=True, type=float, callback=_keep, help="Keep ratio per block.")
 @click.option("--start", default=None, type=click.IntRange(1, None), help="First pruned block (default: depth//3, at least 1).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the pruned run.")
+@click.option("--force", is_flag=True, help="Replace an existing run in --out.")
 @click.option("--dataset", default=None)
 @click.option("--limit", default=None, type=click.IntRange(1, None))
 @click.option("--json", "as_json", is_flag=True)
 @threads_option
-def prune(run, method, keep, start, out, dataset, limit, as_json, threads):
+def prune(run, method, keep, start, out, force, dataset, limit, as_json, threads):
     """Training-free token pruning of a trained checkpoint (TP-Spikformer's criterion with block-level early
     stopping). Evaluates the pruned model and saves its config (weights are unchanged).
 
@@ -194,10 +201,12 @@ def prune(run, method, keep, start, out, dataset, limit, as_json, threads):
       stata-deploy prune runs/base --method tp --keep 0.5 --out runs/base-tp50
     """
     from .. import checkpoint as ckpt
+    from ..fileio import check_run_out, remove_if_empty
     from ..model import build_model
     from ..train import evaluate
 
     set_threads(threads)
+    check_run_out(out, force=force, source=ckpt.resolve_run(run))  # before any work
     model, meta = ckpt.load_model(run)
     if model.cfg.prune.active:
         raise StataError(f"{run} is already pruned ({model.cfg.prune.method}); start from an unpruned run")
@@ -218,7 +227,6 @@ def prune(run, method, keep, start, out, dataset, limit, as_json, threads):
     k = math.ceil(keep * cfg.num_image_tokens - 1e-9)
     token_blocks_full = depth * n
     token_blocks = first * n + (depth - first) * k
-    ckpt.save_model(Path(out), pruned, {k2: v for k2, v in meta.items() if k2 not in ("format", "model", "weights_sha256")})
     out_metrics = {
         "test_accuracy": res["test_accuracy"],
         "baseline_accuracy": base["test_accuracy"],
@@ -231,8 +239,16 @@ def prune(run, method, keep, start, out, dataset, limit, as_json, threads):
         "samples": res["samples"],
         "out": out,
     }
-    ckpt.atomic_write_json(Path(out) / "metrics.json", {**meta.get("metrics", {}), **out_metrics,
-                                                         "dataset": ds.name, "model": cfg.name, "prune": method})
+    existed = Path(out).exists()
+    try:
+        ckpt.save_model(Path(out), pruned, {k2: v for k2, v in meta.items()
+                                            if k2 not in ("format", "model", "weights_sha256")})
+        ckpt.atomic_write_json(Path(out) / "metrics.json", {**meta.get("metrics", {}), **out_metrics,
+                                                             "dataset": ds.name, "model": cfg.name, "prune": method})
+    except BaseException:
+        if not existed:
+            remove_if_empty(out)
+        raise
     emit(out_metrics, as_json, f"{method} keep {keep}: accuracy {res['test_accuracy']:.4f} "
                                f"(unpruned {base['test_accuracy']:.4f}), block-token work {out_metrics['token_ratio']:.2%}")
 
@@ -242,43 +258,52 @@ def prune(run, method, keep, start, out, dataset, limit, as_json, threads):
 @click.option("--dataset", default=None, help="Calibration data (default: the run's dataset, training split).")
 @click.option("--samples", default=256, show_default=True, type=click.IntRange(1, None), help="Calibration images.")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False), help="Default: RUN/masks.json")
+@click.option("--schedule", default="per-timestep", show_default=True, type=click.Choice(["per-timestep", "fixed"]),
+              help="per-timestep: a token set per timestep (STATA's); fixed: the same tokens at every timestep "
+                   "(exact in standard NIR for readers that ignore metadata).")
 @click.option("--json", "as_json", is_flag=True)
 @threads_option
-def calibrate(run, dataset, samples, out_path, as_json, threads):
-    """Freeze static per-timestep token masks from calibration data and compare static vs dynamic accuracy.
+def calibrate(run, dataset, samples, out_path, schedule, as_json, threads):
+    """Freeze static token masks from calibration data and compare static vs dynamic accuracy.
 
     \b
-    Example:
-      stata-deploy calibrate runs/stata      # writes runs/stata/masks.json
+    Examples:
+      stata-deploy calibrate runs/stata                     # writes runs/stata/masks.json
+      stata-deploy calibrate runs/stata --schedule fixed    # same tokens at every timestep
     """
     from tqdm import tqdm
 
     from ..checkpoint import load_model, resolve_run
     from ..data import batches
+    from ..fileio import check_output
     from ..pruning import calibrate_masks
     from ..train import evaluate
 
     set_threads(threads)
+    path = check_output(Path(out_path) if out_path else resolve_run(run) / "masks.json", suffixes=(".json",),
+                        what="masks file")  # before any work
     model, meta = load_model(run)
+    if not model.cfg.prune.active:
+        raise StataError(f"{run} has no token pruning configured (prune none): nothing to calibrate")
     ds = _load_eval_data(meta, dataset, model.cfg.T)
     check_data_fits(model.cfg, ds)
     xc, yc = ds.x_train[:samples], ds.y_train[:samples]
     it = (xb for xb, _ in batches(xc, yc, 64))
     bar = tqdm(total=math.ceil(len(yc) / 64), desc="calibrate", disable=as_json, leave=False)
     try:
-        masks = calibrate_masks(model, it, progress=bar)
+        masks = calibrate_masks(model, it, progress=bar, schedule=schedule)
     finally:
         bar.close()  # clear the bar, also on failure, so an error starts on a clean line
     dyn = evaluate(model, ds.x_test, ds.y_test)
     stat = evaluate(model, ds.x_test, ds.y_test, masks=masks)
     masks.meta.update(calibration_samples=len(yc), dynamic_accuracy=dyn["test_accuracy"],
-                      static_accuracy=stat["test_accuracy"])
-    path = Path(out_path) if out_path else resolve_run(run) / "masks.json"
+                      static_accuracy=stat["test_accuracy"], weights_sha256=meta.get("weights_sha256"))
     masks.save(path)
     res = {"masks": str(path), "sites": {str(s): masks.kept(s) for s in masks.sites}, "mode": masks.mode,
+           "schedule": schedule,
            "dynamic_accuracy": dyn["test_accuracy"], "static_accuracy": stat["test_accuracy"],
            "calibration_samples": len(yc)}
-    emit(res, as_json, f"static masks saved to {path}: accuracy static {stat['test_accuracy']:.4f} vs dynamic "
+    emit(res, as_json, f"static masks ({schedule}) saved to {path}: accuracy static {stat['test_accuracy']:.4f} vs dynamic "
                        f"{dyn['test_accuracy']:.4f}")
 
 
