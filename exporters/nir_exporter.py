@@ -35,12 +35,12 @@ semantics. The lowering:
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from stata_deploy import description
 from stata_deploy.attention import A2OS2A, SDSA, SSA, LinearBN
 from stata_deploy.errors import StataError, UnsupportedOpError
 from stata_deploy.exporter_api import Exporter
@@ -347,7 +347,7 @@ def _selection(cur: np.ndarray, keep_pos: np.ndarray) -> np.ndarray:
     return mat
 
 
-def build_graph(model, masks: TokenMasks | None, run_dir: str | None = None, weights_sha256: str | None = None):
+def build_graph(model, masks: TokenMasks | None, weights_sha256: str | None = None):
     """Lower ``model`` (+ static masks) to (nir.NIRGraph, description dict)."""
     import nir
 
@@ -418,13 +418,12 @@ def build_graph(model, masks: TokenMasks | None, run_dir: str | None = None, wei
         mt = b.token_affine("head.mean", R, D, mean)
         b.conv("head", [mt], (1, 1), W[:, :, None, None], _f64(model.head.bias))
     b.add("logits", nir.Output(output_type={"output": np.array([W.shape[0], 1, 1])}), ["head"])
-    desc = _describe(b, model, masks, run_dir, time_varying, skip)
-    desc["weights_sha256"] = weights_sha256  # --compare torch refuses a run with other weights
-    graph = nir.NIRGraph(nodes=b.nodes, edges=b.edges, metadata={"stata_deploy": json.dumps(desc)})
+    desc = _describe(b, model, masks, weights_sha256, time_varying, skip)
+    graph = nir.NIRGraph(nodes=b.nodes, edges=b.edges, metadata={description.META_KEY: description.encode(desc)})
     return graph, desc
 
 
-def _describe(b, model, masks, run_dir, time_varying, skip) -> dict:
+def _describe(b, model, masks, weights_sha256, time_varying, skip) -> dict:
     cfg = model.cfg
     if b.host_ops:
         computes = ("the graph is NOT runnable without the host operations listed in 'host_ops': Q, K, V leave through "
@@ -446,17 +445,13 @@ def _describe(b, model, masks, run_dir, time_varying, skip) -> dict:
                   "token at every timestep (tokens kept only at some timesteps are also computed at the others, and the "
                   "head divides by the per-timestep kept count), so its spikes and logits differ from the masked model")
         exact = False
-    return {
-        "format": "stata-deploy-nir",
-        "version": FORMAT_VERSION,
-        "run_dir": str(run_dir) if run_dir is not None else None,
-        "config": cfg.to_dict(),
-        "masks": masks.to_json() if masks is not None else None,
-        "T": cfg.T,
+    return description.describe(
+        "stata-deploy-nir", cfg, masks, weights_sha256=weights_sha256,
+        mask_source="static" if masks is not None else "none", **{
+        "format_version": FORMAT_VERSION,
         "dt": NIR_DT,
         "input": "input",
         "logits": "logits",
-        "encoding": "direct: the same image (C, H, W) is presented at every one of the T timesteps",
         "readout": "logits = mean over the T timesteps of output port 'logits' (classes, 1, 1)",
         "timing": "zero delay: every node is evaluated once per timestep in topological order",
         "neuron": "nir.LIF under forward Euler with step dt; spike at v > v_threshold (NIR's rule; v_threshold is the "
@@ -469,7 +464,7 @@ def _describe(b, model, masks, run_dir, time_varying, skip) -> dict:
         "exact_without_metadata": bool(exact),
         "not_standard": [f"{h['name']} ({h['kind']})" for h in b.host_ops]
         + (["per-timestep token schedule (token_segments)"] if (masks is not None and time_varying) else []),
-    }
+    })
 
 
 # ------------------------------------------------------------------------------------------------ split
@@ -529,7 +524,7 @@ def split_graph(graph, desc: dict) -> list[tuple]:
                      standard_reader_computes=f"segment {j} of {nseg}: a complete standard NIR graph; feed its inputs "
                      f"{(ports_in + host_in) or ['input']} (seg_in.X = output seg_out.X of an earlier segment, host results from "
                      "the host operations in split_host_ops)")
-        segs.append((nir.NIRGraph(nodes=nodes, edges=edges, metadata={"stata_deploy": json.dumps(sdesc)}), sdesc))
+        segs.append((nir.NIRGraph(nodes=nodes, edges=edges, metadata={description.META_KEY: description.encode(sdesc)}), sdesc))
     return segs
 
 
@@ -593,7 +588,7 @@ class NirExporter(Exporter):
 
     def export(self, model, masks: TokenMasks | None, out: Path, **options) -> dict:
         out = Path(out)
-        graph, desc = build_graph(model, masks, options.get("run_dir"), options.get("weights_sha256"))
+        graph, desc = build_graph(model, masks, options.get("weights_sha256"))
         write_nir_atomic(graph, out)
         files = [str(out)]
         if options.get("split"):

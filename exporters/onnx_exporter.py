@@ -18,15 +18,10 @@ The graph (opset 18, standard ``ai.onnx`` domain only, ``onnx.checker`` full che
 * weights are inline; when the initializers exceed ``EXTERNAL_DATA_BYTES`` (or ``external_data=True``) they go to
   ``<file>.data`` beside the model (ONNX external data, one file).
 
-The description every stata-deploy file carries (the convention the NIR and Lava/netx exporters follow too): the
-model's ``metadata_props`` hold key ``"stata_deploy"`` with a JSON object::
-
-    {"format": "stata-deploy-onnx/1", "version": <package version>, "run_dir": <absolute run folder or null>,
-     "config": ModelConfig.to_dict(), "preset": name, "T": T, "masks": TokenMasks.to_json() or null,
-     "mask_source": "static" | "dynamic" | "none", "pruning": {...}, "input": {...}, "outputs": [...], "neuron": {...}}
-
-``run_dir`` lets ``stata-deploy run FILE --compare torch`` find the original run folder (weights, config) and
-run the torch reference with the same static masks (``masks``).
+The description every stata-deploy file carries (``stata_deploy.description``): the model's ``metadata_props`` hold
+key ``"stata_deploy"`` with the common JSON object (format, version, weights_sha256, config, T, masks, mask_source,
+encoding) plus ``mask_initializers``, ``pruning``, ``input``, ``outputs``, ``spike_outputs`` and ``neuron``. It names
+no path: ``stata-deploy run FILE --compare torch`` takes the run folder from ``--run`` or the file's own folder.
 
 A failed export leaves no file behind: everything is written to temporary files in the target folder and renamed
 into place at the end.
@@ -44,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from stata_deploy import description
 from stata_deploy.errors import StataError, UnsupportedOpError
 from stata_deploy.exporter_api import Exporter
 from stata_deploy.inference import neuron_layers
@@ -51,19 +47,10 @@ from stata_deploy.neurons import NEURON_TYPES, ReLUNeuron, TokenIndex, multistep
 from stata_deploy.pruning import TokenMasks, gather_slots
 
 FORMAT = "stata-deploy-onnx/1"
-META_KEY = "stata_deploy"
+META_KEY = description.META_KEY
 OPSET = 18
 MASK_PREFIX = "stata_mask_site"
 EXTERNAL_DATA_BYTES = 1 << 30  # ONNX protobufs are limited to 2 GiB; go external well before
-
-
-def package_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("stata-deploy")
-    except Exception:  # pragma: no cover - running from a source tree without metadata
-        return "unknown"
 
 
 # --------------------------------------------------------------------------------------------- tracing
@@ -194,7 +181,7 @@ class OnnxExporter(Exporter):
     suffix = ".onnx"
 
     def export(self, model, masks: TokenMasks | None, out: Path, dynamic_masks: bool = False,
-               run_dir: str | Path | None = None, external_data: bool | None = None, opset: int = OPSET,
+               external_data: bool | None = None, opset: int = OPSET,
                weights_sha256: str | None = None, **options) -> dict:
         """Export ``model`` with static ``masks`` (or, with ``dynamic_masks=True`` and no masks, dynamic top-k)."""
         import onnx
@@ -236,26 +223,16 @@ class OnnxExporter(Exporter):
             extra_outputs = []
         output_names = ["logits_t", *graph.names, *extra_outputs]
         example = torch.zeros(cfg.T, 2, cfg.in_channels, cfg.img_size, cfg.img_size)
-        desc = {
-            "format": FORMAT,
-            "version": package_version(),
-            "run_dir": str(Path(run_dir).resolve()) if run_dir is not None else None,
-            "weights_sha256": weights_sha256,
-            "config": cfg.to_dict(),
-            "preset": cfg.name,
-            "T": cfg.T,
-            "masks": masks.to_json() if masks is not None else None,
-            "mask_source": source,
-            "mask_initializers": {str(s): f"{MASK_PREFIX}{s}" for s in sorted(masks.sites)} if masks else {},
-            "pruning": {"method": cfg.prune.method, "keep": cfg.prune.keep, "sites": cfg.prune.resolved_sites(cfg.depth)
-                        if cfg.prune.active else [], "mode": masks.mode if masks is not None else None},
-            "input": {"name": "x", "shape": ["T", "B", cfg.in_channels, cfg.img_size, cfg.img_size],
-                      "encoding": "direct: an image (B, C, H, W) in [0, 1] repeated over T"},
-            "outputs": output_names,
-            "spike_outputs": graph.names,
-            "neuron": {"model": "LIF (SpikingJelly form), hard reset; dropped tokens get no input and decay",
-                       "tau": 2.0, "v_reset": 0.0},
-        }
+        desc = description.describe(
+            FORMAT, cfg, masks, weights_sha256=weights_sha256, mask_source=source,
+            mask_initializers={str(s): f"{MASK_PREFIX}{s}" for s in sorted(masks.sites)} if masks else {},
+            pruning={"method": cfg.prune.method, "keep": cfg.prune.keep, "sites": cfg.prune.resolved_sites(cfg.depth)
+                     if cfg.prune.active else [], "mode": masks.mode if masks is not None else None},
+            input={"name": "x", "shape": ["T", "B", cfg.in_channels, cfg.img_size, cfg.img_size]},
+            outputs=output_names,
+            spike_outputs=graph.names,
+            neuron={"model": "LIF (SpikingJelly form), hard reset; dropped tokens get no input and decay",
+                    "tau": 2.0, "v_reset": 0.0})
         try:
             with torch.no_grad(), _quiet():
                 buf = io.BytesIO()
@@ -287,7 +264,7 @@ class OnnxExporter(Exporter):
         proto.doc_string = f"stata-deploy {cfg.name}: spiking transformer, T={cfg.T}, masks {source}"
         del proto.metadata_props[:]
         entry = proto.metadata_props.add()
-        entry.key, entry.value = META_KEY, json.dumps(desc)
+        entry.key, entry.value = META_KEY, description.encode(desc)
         big = _initializer_bytes(proto) > EXTERNAL_DATA_BYTES if external_data is None else bool(external_data)
         data_path = out.with_name(out.name + ".data") if big else None
         _write_atomic(proto, out, data_path)

@@ -622,7 +622,7 @@ class LavaRuntime(Runtime):
         self.precision = precision
         self.timeout = float(timeout) if timeout else 600.0
         self.graph, self.cfg, self.masks = _load_nir(self.path)
-        self.description = self.graph.meta  # the exporter's description (config, masks, run_dir for --compare)
+        self.description = self.graph.meta  # the exporter's description (config, masks, weights_sha256)
         self.batch = int(batch) if batch else 32
         if self.batch < 1:
             raise StataError("batch must be >= 1")

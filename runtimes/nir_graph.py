@@ -74,7 +74,7 @@ import numpy as np
 from stata_deploy.errors import StataError, UnsupportedOpError
 from stata_deploy.results import RunResult
 
-META_KEY = "stata_deploy"  # graph metadata key holding our JSON description
+from stata_deploy.description import META_KEY  # noqa: E402 - graph metadata key holding our JSON description
 OP_KINDS = ("input", "output", "affine", "conv2d", "sumpool2d", "flatten", "lif")
 HOST_KINDS = ("ssa_product", "a2os2a_product")
 

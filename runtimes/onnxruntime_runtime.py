@@ -24,7 +24,7 @@ from stata_deploy.pruning import TokenMasks
 from stata_deploy.results import RunResult
 from stata_deploy.runtime_api import Runtime
 
-META_KEY = "stata_deploy"
+from stata_deploy.description import META_KEY  # noqa: E402
 MASK_PREFIX = "stata_mask_site"
 
 
@@ -136,8 +136,6 @@ class OnnxRuntime(Runtime):
         if self.masks is not None:
             self.masks.check_model(self.cfg)
             self._check_mask_initializers(proto)
-        rd = desc.get("run_dir")
-        self.run_dir = Path(rd) if rd else None
         so = ort.SessionOptions()
         so.graph_optimization_level = {
             "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

@@ -19,7 +19,7 @@ class TorchRuntime(Runtime):
 
     def __init__(self, path, masks: TokenMasks | str | Path | None = "auto", **options):
         super().__init__(path)
-        run_dir = resolve_run(path)
+        run_dir = self.run_dir = resolve_run(path)
         self.model, self.meta = load_model(run_dir)
         self.cfg = self.model.cfg
         if masks == "auto":

@@ -11,8 +11,9 @@ SD="$VENV/bin/stata-deploy"
 step() { printf '\n== %s\n' "$*"; }
 
 step "1/6 train an unpruned baseline and a STATA-pruned model (keep 0.5, intra+inter alignment) on digits"
-"$SD" train --dataset digits --model spikformer-tiny --out "$RUN/base"
-"$SD" train --dataset digits --model spikformer-tiny --prune stata --keep 0.5 --align intra,inter --out "$RUN/stata"
+# --force: the demo regenerates its own runs (without it, train refuses to replace an existing run)
+"$SD" train --dataset digits --model spikformer-tiny --out "$RUN/base" --force
+"$SD" train --dataset digits --model spikformer-tiny --prune stata --keep 0.5 --align intra,inter --out "$RUN/stata" --force
 
 step "2/6 freeze static per-timestep token masks (accuracy static vs dynamic)"
 "$SD" calibrate "$RUN/stata"

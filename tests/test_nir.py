@@ -97,13 +97,14 @@ CASES = [
 def test_round_trip_same_spikes(tmp_path, xcal, xin, preset, method):
     model, masks = model_for(preset, method, xcal)
     out = tmp_path / "m.nir"
-    summary = NirExporter().export(model, masks, out, run_dir=str(tmp_path))
+    summary = NirExporter().export(model, masks, out, weights_sha256="cd" * 32)
     assert summary["path"] == str(out) and out.is_file()
     g = nir.read(str(out))  # passes nir.read (type-checked)
     assert {type(n).__name__ for n in g.nodes.values()} <= STANDARD
     assert verify_lossless(out) == []
     desc = json.loads(g.metadata["stata_deploy"])
-    assert desc["run_dir"] == str(tmp_path) and desc["config"]["name"] == preset and desc["version"] >= 1
+    assert "run_dir" not in desc and str(tmp_path) not in g.metadata["stata_deploy"]  # no path of this machine
+    assert desc["weights_sha256"] == "cd" * 32 and desc["config"]["name"] == preset and desc["format_version"] >= 1
     assert (desc["masks"] is None) == (masks is None)
 
     rt = NirRuntime(out)

@@ -159,14 +159,15 @@ def test_file_format_checker_opset_domains_metadata(stata_run, tmp_path):
     model, _ = load_model(stata_run)
     masks = TokenMasks.load(stata_run / "masks.json")
     out = tmp_path / "f.onnx"
-    summary = OnnxExporter().export(model, masks, out, run_dir=stata_run)
+    summary = OnnxExporter().export(model, masks, out, weights_sha256="ab" * 32)
     assert summary["path"] == str(out) and summary["opset"] >= 17
     proto = onnx.load(str(out))
     onnx.checker.check_model(proto, full_check=True)
     assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}
     assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"} and not len(proto.functions)
     desc = json.loads({m.key: m.value for m in proto.metadata_props}[META_KEY])
-    assert desc["run_dir"] == str(stata_run.resolve()) and desc["T"] == model.cfg.T
+    assert "run_dir" not in desc and str(stata_run) not in json.dumps(desc)  # no path of this machine in the file
+    assert desc["weights_sha256"] == "ab" * 32 and desc["T"] == model.cfg.T
     assert desc["config"]["prune"]["method"] == "stata" and desc["mask_source"] == "static"
     assert TokenMasks.from_json(desc["masks"]).sites.keys() == masks.sites.keys()
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}

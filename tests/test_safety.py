@@ -216,6 +216,8 @@ def test_an_export_of_other_weights_is_refused_by_compare(run_copy, tmp_path):
         model.head.bias.add_(0.25)
     ckpt.save_model(run_copy, model, {k: v for k, v in meta.items() if k not in ("format", "model", "weights_sha256")})
     r = CliRunner().invoke(main, ["run", str(onnx_path), "--limit", "4", "--compare", "torch"])
+    assert r.exit_code == 2 and "pass --run RUN" in r.output, r.output  # the file is not in a run folder
+    r = CliRunner().invoke(main, ["run", str(onnx_path), "--limit", "4", "--compare", "torch", "--run", str(run_copy)])
     assert r.exit_code == 2 and "exported from other weights" in r.output and "re-export" in r.output, r.output
 
 
@@ -235,7 +237,7 @@ def test_every_command_prints_strict_json(base_run, run_copy, tmp_path):
         "calibrate": ["calibrate", run_copy, "--samples", "8", "--out", tmp_path / "m.json", "--json"],
         "export onnx": ["export", run_copy, "--to", "onnx", "--out", onnx_path, "--json"],
         "export nir": ["export", run_copy, "--to", "nir", "--out", nir_path, "--json"],
-        "run onnxruntime": ["run", onnx_path, "--limit", "8", "--compare", "torch", "--json"],
+        "run onnxruntime": ["run", onnx_path, "--limit", "8", "--compare", "torch", "--run", run_copy, "--json"],
         "run nir": ["run", nir_path, "--runtime", "nir", "--limit", "8", "--json"],
         "run torch": ["run", run_copy, "--runtime", "torch", "--limit", "8", "--json"],
         "inspect": ["inspect", nir_path, "--json"],

@@ -77,7 +77,7 @@ def export(run, target, out, masks_opt, split, as_json, threads):
         raise StataError(f"--split does not apply to the {target} exporter (only to: nir)")
     out_path = check_output(Path(out) if out else run_dir / f"model{exporter.suffix}",
                             suffixes=(exporter.suffix,), what=f"{target} output")
-    options = {"run_dir": str(run_dir.resolve()), "weights_sha256": meta.get("weights_sha256")}
+    options = {"weights_sha256": meta.get("weights_sha256")}
     if dynamic:
         options["dynamic_masks"] = True
     if split:

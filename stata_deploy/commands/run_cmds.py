@@ -1,7 +1,8 @@
 """run: an exported file (or run folder) on any runtime in the RUNTIMES registry — a dataset or one image.
 
-``--compare torch`` runs the torch reference on the same inputs: the run folder recorded in the file's description
-(``run_dir``) with the SAME static masks the file carries (``runtime.masks``), and counts spike mismatches layer by
+``--compare torch`` runs the torch reference on the same inputs: the run folder given by ``--run`` (default: the
+folder the file lies in; its weights must be the ones the file was exported from, ``weights_sha256``) with the SAME
+static masks the file carries (``runtime.masks``), and counts spike mismatches layer by
 layer (binary/ternary layers exactly; real-valued layers such as A²OS²A's ReLU K within float tolerance).
 """
 from __future__ import annotations
@@ -47,26 +48,22 @@ def compare_spikes(got, ref) -> dict:
     return out
 
 
-def _reference(rt):
+def _reference(rt, run: str | None):
     from runtimes.torch_runtime import TorchRuntime
 
-    run_dir = getattr(rt, "run_dir", None)
-    if run_dir is None:
-        desc = getattr(rt, "description", None) or {}
-        run_dir = desc.get("run_dir")
-    if not run_dir:
-        raise StataError(f"{rt.path} does not record the run folder it was exported from: cannot --compare torch")
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise StataError(f"--compare torch: the run folder recorded in {rt.path} ({run_dir}) is missing")
+    from ..description import check_run, find_run
+
+    run_dir = getattr(rt, "run_dir", None) or find_run(rt.path, run)
     ref = TorchRuntime(run_dir, masks=rt.masks)
-    have = (getattr(rt, "description", None) or {}).get("weights_sha256")
-    want = ref.meta.get("weights_sha256")
-    if have and want and have != want:
-        raise StataError(f"--compare torch: {rt.path} was exported from other weights than {run_dir} now holds "
-                         f"(sha256 {have[:12]}... vs {want[:12]}...): re-export it with `stata-deploy export {run_dir} "
-                         f"--to {rt.path.suffix.lstrip('.') or 'FORMAT'}`")
+    check_run(getattr(rt, "description", None) or {}, rt.path, run_dir, ref.meta.get("weights_sha256"))
     return ref
+
+
+def _run_folder(rt, run: str | None) -> Path | None:
+    """The run folder for defaults (its dataset): --run, the runtime's own (torch), or the file's folder."""
+    cand = [Path(run)] if run else []
+    cand += [Path(getattr(rt, "run_dir", None) or Path(rt.path).resolve().parent)]
+    return next((c for c in cand if (c / "config.json").is_file()), None)
 
 
 def _percentiles(seconds: list[float]) -> dict:
@@ -93,14 +90,16 @@ def _count_sops(rt, res):
 @click.option("--repeat", default=10, show_default=True, type=click.IntRange(1, 100000),
               help="--image: timed repetitions for the latency percentiles.")
 @click.option("--compare", default=None, type=click.Choice(["torch"]), help="Also run the torch reference; count mismatches.")
+@click.option("--run", "run_opt", default=None, type=click.Path(file_okay=False),
+              help="--compare torch: the run folder FILE was exported from (default: the folder FILE lies in).")
 @click.option("--precision", default=None, type=click.Choice(["float", "fixed"]), help="Runtime arithmetic (if it has a choice).")
 @click.option("--timeout", default=None, type=FiniteFloat(0, 7 * 86400, lo_open=True),
               help="Runtime time limit, seconds (runtimes with a child process, e.g. lava).")
 @click.option("--hardware", default=None, help="Runtime hardware target (runtimes that have one, e.g. lava).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 @threads_option
-def run_cmd(file, runtime_name, dataset, limit, batch_size, image, repeat, compare, precision, timeout, hardware,
-            as_json, threads):
+def run_cmd(file, runtime_name, dataset, limit, batch_size, image, repeat, compare, run_opt, precision, timeout,
+            hardware, as_json, threads):
     """Run an exported model on a runtime: accuracy, SOPs, latency and throughput on a dataset, or the prediction
     for one image (the edge-inference path).
 
@@ -129,16 +128,16 @@ def run_cmd(file, runtime_name, dataset, limit, batch_size, image, repeat, compa
     rt = cls(path, **opts)
     try:
         if image is not None:
-            res = _run_image(rt, Path(image), repeat, compare)
+            res = _run_image(rt, Path(image), repeat, compare, run_opt)
         else:
-            res = _run_dataset(rt, dataset, limit, batch_size, compare, as_json)
+            res = _run_dataset(rt, dataset, limit, batch_size, compare, run_opt, as_json)
     finally:
         rt.close()
     res = {"runtime": name, "file": str(path), **res}
     emit(res, as_json, _human(res))
 
 
-def _run_image(rt, image: Path, repeat: int, compare) -> dict:
+def _run_image(rt, image: Path, repeat: int, compare, run_opt) -> dict:
     from ..data import load_image
 
     cfg = rt.cfg
@@ -163,14 +162,14 @@ def _run_image(rt, image: Path, repeat: int, compare) -> dict:
            "accuracy": None, "sops": float(_count_sops(rt, res).sops), "samples": 1,
            "seconds": float(sum(times)), **_percentiles(times), "repeat": repeat}
     if compare:
-        ref = _reference(rt).run(xb)
+        ref = _reference(rt, run_opt).run(xb)
         cmp = compare_spikes(res, ref)
         out.update(spike_mismatches=cmp["spike_mismatches"], spikes_compared=cmp["spikes_compared"],
                    prediction_agreement=float(ref.predictions[0] == out["prediction"]))
     return out
 
 
-def _run_dataset(rt, dataset, limit, batch_size, compare, as_json) -> dict:
+def _run_dataset(rt, dataset, limit, batch_size, compare, run_opt, as_json) -> dict:
     from tqdm import tqdm
 
     from ..checkpoint import load_config
@@ -179,14 +178,14 @@ def _run_dataset(rt, dataset, limit, batch_size, compare, as_json) -> dict:
 
     cfg = rt.cfg
     if dataset is None:
-        run_dir = getattr(rt, "run_dir", None)
-        if run_dir is not None and (Path(run_dir) / "config.json").is_file():
+        run_dir = _run_folder(rt, run_opt)
+        if run_dir is not None:
             dataset = load_config(run_dir)[1].get("train", {}).get("dataset")
         dataset = dataset or "digits"
     ds = load_dataset(dataset, T=cfg.T)
     check_data_fits(cfg, ds)
     x, y = ds.x_test[:limit], ds.y_test[:limit]
-    ref = _reference(rt) if compare else None
+    ref = _reference(rt, run_opt) if compare else None
     first = next(batches(x, y, batch_size))[0].numpy()
     rt.run(first, record=False)  # warm-up (session initialisation, caches): not timed
     correct, n, sops_sum, times, agree = 0, 0, 0.0, [], 0
