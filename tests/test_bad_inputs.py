@@ -694,7 +694,7 @@ def test_bad_input(cmd, name, case, paths, tmp_path, monkeypatch):
     with sim:
         r = CliRunner().invoke(main, argv)
     out = r.output
-    assert r.exit_code != 0 and r.exit_code is not None, f"exit 0 for {argv}:\n{out}"
+    assert r.exit_code == 2, f"exit {r.exit_code} (expected 2: bad input) for {argv}:\n{out}"
     assert isinstance(r.exception, SystemExit), f"unexpected {r.exception!r}:\n{out}"
     assert "Traceback" not in out and "internal error" not in out, out
     errors = _error_lines(out)
