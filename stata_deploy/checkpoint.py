@@ -21,6 +21,7 @@ import torch
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, StataError
 # One module owns the atomic write (stata_deploy.fileio); re-exported for the callers that import it from here.
+from . import fileio
 from .fileio import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: F401
 
 FORMAT = "stata-deploy/1"
@@ -165,13 +166,9 @@ def check_weights_header(run_dir: Path, cfg: ModelConfig, header: dict[str, tupl
                               f"{cfg.dim} need {(cfg.num_classes, cfg.dim)}")
     with torch.device("meta"):
         expected = {k: (v.is_floating_point(), tuple(v.shape)) for k, v in build_model(cfg).state_dict().items()}
-    missing = sorted(set(expected) - set(header))
-    unexpected = sorted(set(header) - set(expected))
-    if missing or unexpected:
-        what = (f"missing {', '.join(missing[:3])}" if missing else "") + (
-            f" unexpected {', '.join(unexpected[:3])}" if unexpected else ""
-        )
-        raise CheckpointError(f"{where} ({what.strip()})")
+    diff = _name_diff(expected, header)
+    if diff:
+        raise CheckpointError(f"{where} ({diff})")
     for k, (dtype, shape) in header.items():
         is_float, want = expected[k]
         if shape != want:
@@ -181,17 +178,15 @@ def check_weights_header(run_dir: Path, cfg: ModelConfig, header: dict[str, tupl
                                   " tensor")
 
 
+def _name_diff(expected, got) -> str:
+    """'missing a, b unexpected c' for two collections of tensor names ('' when they agree)."""
+    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    return " ".join(([f"missing {', '.join(missing[:3])}"] if missing else [])
+                    + ([f"unexpected {', '.join(unexpected[:3])}"] if unexpected else []))
+
+
 def read_json(path: Path, what: str = "file") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{what} not found: {path}")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{what} {path} is not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{what} {path} must hold a JSON object")
-    return d
+    return fileio.read_json(path, what, CheckpointError)
 
 
 def save_model(run_dir: Path, model: torch.nn.Module, extra: dict | None = None) -> None:
@@ -252,13 +247,9 @@ def load_model(run_dir: str | Path, map_location: str = "cpu"):
     data = _read_bytes(wpath)
     sd = _parse_tensors(wpath, data)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        what = (f"missing {', '.join(missing[:3])}" if missing else "") + (
-            f" unexpected {', '.join(unexpected[:3])}" if unexpected else ""
-        )
-        raise CheckpointError(f"weights in {run_dir} do not match config.json ({what.strip()})")
+    diff = _name_diff(expected, sd)
+    if diff:
+        raise CheckpointError(f"weights in {run_dir} do not match config.json ({diff})")
     for k, v in sd.items():
         if v.shape != expected[k].shape:
             raise CheckpointError(

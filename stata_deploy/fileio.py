@@ -169,6 +169,20 @@ def atomic_dir_files(files: dict[Path, Callable[[Path], None]]) -> None:
                 os.unlink(tmp)
 
 
+def read_json(path: str | Path, what: str = "file", error=StataError) -> dict:
+    """A JSON object from ``path``; a missing file, invalid JSON or a non-object is one ``error`` naming ``what``."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{what} {path} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise error(f"{what} {path} must hold a JSON object")
+    return d
+
+
 # ------------------------------------------------------------------------------------------------ strict JSON
 def strict(obj, reasons: dict | None = None, where: str = ""):
     """A copy of ``obj`` that strict JSON parsers accept: NaN / +-Infinity become null, and (if ``reasons`` is a

@@ -207,14 +207,10 @@ class TokenMasks:
 
     @classmethod
     def load(cls, path: str | Path) -> "TokenMasks":
+        from .fileio import read_json
+
         p = Path(path)
-        if not p.is_file():
-            raise StataError(f"mask file not found: {p}")
-        try:
-            d = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise StataError(f"mask file {p} is not valid JSON ({e})") from None
-        masks = cls.from_json(d)
+        masks = cls.from_json(read_json(p, "mask file"))
         if not masks.sites or all(m.all() for m in masks.sites.values()):  # a file that prunes nothing is a mistake
             raise StataError(f"mask file {p} keeps every token at every site (nothing is pruned): use the model "
                              "without masks")

@@ -404,13 +404,13 @@ def test_tchw_input_used_as_frames(tmp_path, base_run, digits):
     seen = []
     real = rt.run
     rt.run = lambda x, record=True: (seen.append(np.asarray(x).shape), real(x, record))[1]
-    out = _run_image(rt, tmp_path / "f.npy", 1, None)
+    out = _run_image(rt, tmp_path / "f.npy", 1, None, None)
     assert seen[0] == (4, 1, 1, 8, 8)
     ref = real(frames[:, None])
     assert out["prediction"] == int(ref.predictions[0])
     np.save(tmp_path / "f3.npy", frames[:3])
     with pytest.raises(StataError, match="3 frames"):
-        _run_image(rt, tmp_path / "f3.npy", 1, None)
+        _run_image(rt, tmp_path / "f3.npy", 1, None, None)
 
 
 # ------------------------------------------------------------------------------------------------- exported files
