@@ -10,4 +10,6 @@ PIP="$VENV/bin/pip"
 # snnTorch reads NIR files: the peer check of our NIR export (tests/test_nir.py). --no-deps: its torch is ours.
 "$PIP" install -q --no-deps "snntorch==1.0.0" "nirtorch==2.6"
 if [ -f scripts/install_lava.sh ]; then bash scripts/install_lava.sh "$VENV"; fi
+# lava-dl 0.6.0 (netx), patched minimally for Python 3.11 / torch 2.13 CPU: see the script's header.
+if [ -f scripts/install_lava_dl.sh ]; then bash scripts/install_lava_dl.sh "$VENV"; fi
 "$VENV/bin/python" -c "import stata_deploy, torch; print('stata-deploy installed; torch', torch.__version__)"
