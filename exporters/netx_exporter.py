@@ -85,6 +85,7 @@ def _quant(a: np.ndarray, tau: float) -> tuple[np.ndarray, float]:
 class NetxExporter(Exporter):
     name = "netx"
     suffix = ".net"
+    accepts = ("part",)
 
     def export(self, model, masks: TokenMasks | None, out: Path, **options) -> dict:
         import h5py
@@ -97,7 +98,7 @@ class NetxExporter(Exporter):
             raise UnsupportedOpError(
                 "netx (lava-dl) holds sequential conv/dense/flatten networks with CUBA neurons only; it cannot hold: "
                 + "; ".join(unsupported_parts(model, masks))
-                + ". Use part='stem' for the sequential SPS stem, or export to NIR for the whole model")
+                + ". Use --part stem (part='stem') for the sequential SPS stem, or export to NIR for the whole model")
         pools = [f"stem.stages.{i}.pool" for i, st in enumerate(model.stem.stages) if st.pool is not None]
         if pools:
             raise UnsupportedOpError(f"netx cannot hold {', '.join(pools)} (netx 'pool' layers are not "

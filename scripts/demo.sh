@@ -25,10 +25,11 @@ step "3/6 export to NIR and ONNX (static masks embedded)"
 step "4/6 run on ONNX Runtime, compared with torch spike for spike"
 "$SD" run "$RUN/stata/model.onnx" --runtime onnxruntime --dataset digits --limit "$LIMIT" --compare torch
 
-step "5/6 run on the Lava simulator (CPU), compared with torch spike for spike"
+step "5/6 run on the Lava simulator (CPU), compared with torch spike for spike; Loihi energy of what Lava computed"
 "$SD" run "$RUN/stata/model.nir" --runtime lava --dataset digits --limit "$LIMIT" --compare torch --hardware loihi
 
 step "6/6 synaptic operations and energy, pruned vs unpruned"
 "$SD" energy "$RUN/stata" --hardware 45nm --baseline "$RUN/base" --plot "$RUN/energy_45nm.png"
-"$SD" energy "$RUN/stata" --hardware loihi --baseline "$RUN/base"
+# the same inputs and static masks as step 5: the same table as the energy Lava's own run computed
+"$SD" energy "$RUN/stata" --hardware loihi --baseline "$RUN/base" --masks static --dataset digits --limit "$LIMIT"
 printf '\nDemo finished: runs in %s, energy plot in %s/energy_45nm.png\n' "$RUN" "$RUN"

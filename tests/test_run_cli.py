@@ -132,3 +132,25 @@ def test_run_nir_file_compare_torch(run_dir, runtime):
     assert res["spike_mismatches"] == 0 and res["spikes_compared"] > 100_000 and res["prediction_agreement"] == 1.0
     t = last_json(cli("run", run_dir, "--runtime", "torch", "--dataset", "digits", "--limit", 32, "--json"))
     assert res["sops"] == pytest.approx(t["sops"], rel=1e-9) and res["accuracy"] == t["accuracy"]
+
+
+def test_run_hardware_prices_what_the_runtime_computed(onnx_file, run_dir, base_run):
+    """`run --hardware` prices the runtime's own counts; on the same inputs and static masks they equal
+    `stata-deploy energy --masks static` (one table, both paths), and --baseline gives the same ratios."""
+    common = ["--dataset", "digits", "--limit", 48, "--hardware", "loihi", "--baseline", base_run, "--json"]
+    r = cli("run", onnx_file, "--batch-size", 16, *common)
+    assert r.exit_code == 0, r.output
+    got = last_json(r)
+    e = cli("energy", run_dir, "--masks", "static", "--batch-size", 16, *common)
+    assert e.exit_code == 0, e.output
+    want = last_json(e)
+    assert got["hardware"] == want["hardware"] == "loihi" and got["energy_mj"] > 0
+    for key in ("energy_mj", "macs", "acs", "attention_ops", "neuron_updates", "spikes", "ops_ratio", "energy_ratio"):
+        assert got[key] == pytest.approx(want[key], rel=1e-12), key
+    assert [l["name"] for l in got["layers"]] == [l["name"] for l in want["layers"]]
+    assert [l["energy_mj"] for l in got["layers"]] == pytest.approx([l["energy_mj"] for l in want["layers"]], rel=1e-12)
+    # refused combinations
+    r = cli("run", onnx_file, "--limit", 4, "--baseline", base_run)
+    assert r.exit_code == 2 and "needs --hardware" in r.output
+    r = cli("run", onnx_file, "--limit", 4, "--hardware", "no-such-chip")
+    assert r.exit_code == 2 and "unknown hardware" in r.output

@@ -51,9 +51,12 @@ def resolve_masks(run_dir: Path, cfg, choice: str | None, weights_sha256: str | 
               help="Token masks: static (RUN/masks.json, the default when present), dynamic (top-k in the graph, "
                    "ONNX only), or a masks.json path.")
 @click.option("--split", is_flag=True, help="Ask the exporter to split the graph at host operations (split=True).")
+@click.option("--part", type=click.Choice(["full", "stem"]), default=None,
+              help="netx: the part to write (default full; netx holds sequential networks only, so 'stem' writes the "
+                   "SPS stem's convolutions and neurons).")
 @click.option("--json", "as_json", is_flag=True, help="Print the export summary as one JSON object.")
 @threads_option
-def export(run, target, out, masks_opt, split, as_json, threads):
+def export(run, target, out, masks_opt, split, part, as_json, threads):
     """Export a trained run to a deployable file, with its static per-timestep token masks embedded.
 
     \b
@@ -61,6 +64,7 @@ def export(run, target, out, masks_opt, split, as_json, threads):
       stata-deploy export runs/a --to onnx                 # runs/a/model.onnx, masks from runs/a/masks.json
       stata-deploy export runs/a --to nir --out a.nir
       stata-deploy export runs/a --to onnx --masks dynamic --out a-dyn.onnx
+      stata-deploy export runs/a --to netx --part stem     # lava-dl netx: the sequential stem (pool_stages=0)
     A failed export leaves no file behind.
     """
     from ..checkpoint import load_model, resolve_run
@@ -75,6 +79,8 @@ def export(run, target, out, masks_opt, split, as_json, threads):
     exporter = exporter_cls()
     if split and "split" not in exporter.accepts:
         raise StataError(f"--split does not apply to the {target} exporter (only to: nir)")
+    if part and "part" not in exporter.accepts:
+        raise StataError(f"--part does not apply to the {target} exporter (only to: netx)")
     out_path = check_output(Path(out) if out else run_dir / f"model{exporter.suffix}",
                             suffixes=(exporter.suffix,), what=f"{target} output")
     options = {"weights_sha256": meta.get("weights_sha256")}
@@ -82,6 +88,8 @@ def export(run, target, out, masks_opt, split, as_json, threads):
         options["dynamic_masks"] = True
     if split:
         options["split"] = True
+    if part:
+        options["part"] = part
     t0 = time.perf_counter()
     summary = exporter.export(model, masks, out_path, **options)  # atomic (stata_deploy.fileio): no partial file
     summary = {"path": str(out_path), **(summary or {}), "exporter": target,

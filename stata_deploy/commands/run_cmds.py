@@ -95,11 +95,15 @@ def _count_sops(rt, res):
 @click.option("--precision", default=None, type=click.Choice(["float", "fixed"]), help="Runtime arithmetic (if it has a choice).")
 @click.option("--timeout", default=None, type=FiniteFloat(0, 7 * 86400, lo_open=True),
               help="Runtime time limit, seconds (runtimes with a child process, e.g. lava).")
-@click.option("--hardware", default=None, help="Runtime hardware target (runtimes that have one, e.g. lava).")
+@click.option("--hardware", default=None,
+              help="Price the operations this run computed on a hardware profile (45nm | loihi | spinnaker2 | "
+                   "truenorth | FILE.toml/.json): per-layer table and energy per inference, as `stata-deploy energy`.")
+@click.option("--baseline", default=None, type=click.Path(file_okay=False),
+              help="With --hardware: an unpruned run counted (torch) on the same inputs: ops_ratio, energy_ratio.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 @threads_option
 def run_cmd(file, runtime_name, dataset, limit, batch_size, image, repeat, compare, run_opt, precision, timeout,
-            hardware, as_json, threads):
+            hardware, baseline, as_json, threads):
     """Run an exported model on a runtime: accuracy, SOPs, latency and throughput on a dataset, or the prediction
     for one image (the edge-inference path).
 
@@ -122,15 +126,24 @@ def run_cmd(file, runtime_name, dataset, limit, batch_size, image, repeat, compa
     if refused:  # an option the runtime would ignore is refused, not silently dropped
         have = ", ".join(f"--{a}" for a in cls.accepts if a != "threads") or "none"
         raise StataError(f"--{refused[0]} does not apply to the {name} runtime (its options: {have})")
-    opts = dict(given, hardware=hardware) if hardware is not None else dict(given)
+    opts = dict(given)
+    if baseline and not hardware:
+        raise StataError("--baseline prices a comparison: it needs --hardware")
+    profile = None
+    if hardware:
+        from ..energy import load_profile
+
+        profile = load_profile(hardware)  # before any work
     if threads is not None and "threads" in cls.accepts:
         opts["threads"] = threads
     rt = cls(path, **opts)
     try:
         if image is not None:
             res = _run_image(rt, Path(image), repeat, compare, run_opt)
+            if profile is not None:
+                raise StataError("--hardware prices a dataset run; drop --image or --hardware")
         else:
-            res = _run_dataset(rt, dataset, limit, batch_size, compare, run_opt, as_json)
+            res = _run_dataset(rt, dataset, limit, batch_size, compare, run_opt, as_json, profile, baseline)
     finally:
         rt.close()
     res = {"runtime": name, "file": str(path), **res}
@@ -169,7 +182,7 @@ def _run_image(rt, image: Path, repeat: int, compare, run_opt) -> dict:
     return out
 
 
-def _run_dataset(rt, dataset, limit, batch_size, compare, run_opt, as_json) -> dict:
+def _run_dataset(rt, dataset, limit, batch_size, compare, run_opt, as_json, profile=None, baseline=None) -> dict:
     from tqdm import tqdm
 
     from ..checkpoint import load_config
@@ -188,7 +201,7 @@ def _run_dataset(rt, dataset, limit, batch_size, compare, run_opt, as_json) -> d
     ref = _reference(rt, run_opt) if compare else None
     first = next(batches(x, y, batch_size))[0].numpy()
     rt.run(first, record=False)  # warm-up (session initialisation, caches): not timed
-    correct, n, sops_sum, times, agree = 0, 0, 0.0, [], 0
+    correct, n, times, agree, reports = 0, 0, [], 0, []
     cmp_tot = {"spike_mismatches": 0, "spikes_compared": 0, "layers": {}, "layers_missing": []}
     t_all = time.perf_counter()
     for xb, yb in tqdm(batches(x, y, batch_size), total=math.ceil(len(y) / batch_size), desc="run",
@@ -199,7 +212,7 @@ def _run_dataset(rt, dataset, limit, batch_size, compare, run_opt, as_json) -> d
         pred = res.predictions
         correct += int((pred == yb).sum())
         n += len(yb)
-        sops_sum += float(_count_sops(rt, res).sops) * len(yb)
+        reports.append(_count_sops(rt, res))
         if ref is not None:
             r = ref.run(xb)
             agree += int((r.predictions == pred).sum())
@@ -211,7 +224,10 @@ def _run_dataset(rt, dataset, limit, batch_size, compare, run_opt, as_json) -> d
                 cmp_tot["layers"][k] = cmp_tot["layers"].get(k, 0) + v
     wall = time.perf_counter() - t_all
     run_seconds = float(sum(times))
-    out = {"accuracy": correct / n, "sops": sops_sum / n, "samples": n, "seconds": run_seconds,
+    from ..sops import OpsReport
+
+    rep = OpsReport.merge(reports)
+    out = {"accuracy": correct / n, "sops": rep.sops, "samples": n, "seconds": run_seconds,
            "wall_seconds": wall, "dataset": ds.name, "batch_size": batch_size, "latency_batches": len(times),
            **_percentiles(times), "throughput": n / run_seconds if run_seconds > 0 else None,
            "masks": (getattr(rt, "description", None) or {}).get("mask_source")
@@ -222,10 +238,43 @@ def _run_dataset(rt, dataset, limit, batch_size, compare, run_opt, as_json) -> d
                    prediction_agreement=agree / n,
                    mismatch_layers={k: v for k, v in cmp_tot["layers"].items() if v},
                    layers_compared=len(cmp_tot["layers"]), layers_missing=cmp_tot["layers_missing"])
+    if profile is not None:
+        out.update(_price(rep, profile, rt, correct / n, x, y, baseline))
     return out
 
 
+def _price(rep, profile, rt, acc, x, y, baseline) -> dict:
+    """The energy fields of `stata-deploy energy` for the operations this runtime computed (same counter/profile)."""
+    from ..energy import estimate_energy
+    from .energy_cmds import _layers, _set_ratio, _summary, measure
+
+    en = estimate_energy(rep, profile)
+    res = {"hardware": profile.name, "citation": profile.citation, **_summary(rep, en, acc, rt.masks),
+           "not_costed": en.not_costed, "layers": _layers(rep, en)}
+    res["ops_counted_from"] = f"the {rt.name} runtime's spikes"
+    if baseline:
+        _, brep, bacc, bmasks = measure(baseline, x, y, "dynamic")
+        ben = estimate_energy(brep, profile)
+        res["baseline"] = {"run": str(baseline), **_summary(brep, ben, bacc, bmasks)}
+        _set_ratio(res, "ops_ratio", rep.sops, brep.sops, "the baseline performs 0 operations")
+        _set_ratio(res, "energy_ratio", en.total_mj, ben.total_mj, f"the baseline costs 0 mJ on {profile.name}")
+    return res
+
+
 def _human(r: dict) -> str:
+    s = _human_run(r)
+    if "energy_mj" in r:
+        from .energy_cmds import table
+
+        s += f"\n\noperations computed by {r['runtime']}, priced on {r['hardware']}:\n" + table(r["layers"], r)
+        s += f"\nenergy per inference: {r['energy_mj']:.4e} mJ"
+        if "baseline" in r:
+            fr = lambda v: "undefined" if v is None else f"{v:.4f}"  # noqa: E731
+            s += f"\nvs {r['baseline']['run']}: ops_ratio {fr(r['ops_ratio'])}  energy_ratio {fr(r['energy_ratio'])}"
+    return s
+
+
+def _human_run(r: dict) -> str:
     if "prediction" in r:
         top = ", ".join(f"{t['class']}:{t['prob']:.3f}" for t in r["top5"])
         s = f"prediction {r['prediction']}  top-5 [{top}]  latency p50 {r.get('latency_ms_p50', 0):.2f} ms"
