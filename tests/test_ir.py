@@ -13,8 +13,7 @@ from stata_deploy.config import PruneConfig, make_config
 from stata_deploy.errors import StataError, UnsupportedOpError
 from stata_deploy.inference import neuron_layers, run_torch
 from stata_deploy.ir import build_ir, structure_ir
-from stata_deploy.ir.nodes import (Add, Conv, Graph, Input, IRError, Neuron, Node, Product, Rejoin, Scorer, Select,
-                                   TokenLinear)
+from stata_deploy.ir.nodes import Add, Conv, Graph, Input, IRError, Neuron, Product, Select, TokenLinear
 from stata_deploy.ir.passes import ApplyMasks, DropNeverKept, FoldBatchNorm
 from stata_deploy.model import build_model
 from stata_deploy.pruning import TokenMasks
@@ -28,8 +27,8 @@ def _model(attention="ssa", depth=2, **kw):
 
 # ------------------------------------------------------------------------------------------------ nodes
 BAD_NODES = [
-    (lambda: Conv(name="c", in_channels=2, out_channels=3, kernel=3, stride=1, padding=1, weight=np.zeros((3, 2, 1, 1))),
-     "weight has shape"),
+    (lambda: Conv(name="c", in_channels=2, out_channels=3, kernel=3, stride=1, padding=1,
+                  weight=np.zeros((3, 2, 1, 1))), "weight has shape"),
     (lambda: Conv(name="c", in_channels=0, out_channels=3, kernel=3, stride=1, padding=1), "in_channels must be"),
     (lambda: TokenLinear(name="l", in_features=4, out_features=2, bias=np.zeros(3)), "bias has shape"),
     (lambda: Neuron(name="n", kind="izhikevich"), "kind must be one of"),
@@ -104,7 +103,8 @@ def test_build_mirrors_the_model(attention, prune):
         assert g.inputs["blocks.1.scorer"] == ("blocks.0.mlp_residual", "blocks.0.attn.q_lif", "blocks.0.attn.k_lif")
         assert g.schedules["blocks.2.mlp.fc1_lif"] == "blocks.1.select" and g.schedules["blocks.0.attn.q_lif"] is None
     if prune["method"] == "tp":  # every block from the first site selects; the unselected tokens rejoin after it
-        assert g.op_counts()["Rejoin"] == 2 and g.inputs["blocks.2.rejoin"] == ("blocks.1.rejoin", "blocks.2.mlp_residual")
+        assert g.op_counts()["Rejoin"] == 2
+        assert g.inputs["blocks.2.rejoin"] == ("blocks.1.rejoin", "blocks.2.mlp_residual")
 
 
 def test_unknown_module_is_an_error_naming_it():

@@ -195,6 +195,9 @@ CASES = [  # (attention, prune, static masks)
     ("a2os2a", dict(method="anchor", keep=0.5), False),
     ("a2os2a", dict(method="ssa", keep=0.4), False),
 ]
+CASES += [(a, dict(method=m, keep=0.5) if m != "none" else dict(method=m), False)  # every registered kind x scorer
+          for a in ATTENTIONS.names() for m in ["none"] + SCORERS.names()
+          if not any(c[0] == a and c[1]["method"] == m and not c[2] for c in CASES)]
 
 
 @pytest.mark.parametrize("attention,prune,static", CASES,
@@ -217,7 +220,7 @@ def test_counts_match_forward_hooks(attention, prune, static):
         lo = rep.layer(name)
         for f, v in o.items():
             assert getattr(lo, f) * B == pytest.approx(v, abs=1e-6), (name, f)
-    n_att = {"ssa": 2, "sdsa": 3, "a2os2a": 2}[attention]
+    n_att = sum(isinstance(m, (MatMul, Hadamard, TokenSum)) for m in model.blocks[0].attn.modules())
     assert len(oracle) == 5 + cfg.depth * (6 + n_att) + 1  # 5 stem convs, 6 Linears + products per block, head
     assert oracle["blocks.2.mlp.fc1"]["events"] > 0 and oracle["blocks.2.attn.proj"]["acs"] > 0
     # every neuron layer's updates and spikes
@@ -327,3 +330,24 @@ def test_ir_counter_equals_the_frozen_reference(attention, method, variant, digi
     want = frozen.count_ops_reference(cfg, res, masks)
     assert want.sops > 0 and (variant == "unpruned" or len(res.kept) > 0)
     assert_same_report(count_ops(cfg, res, masks), want)  # the IR counter (stata_deploy/ir/count.py)
+
+
+def test_idle_updates_are_those_of_the_graph_after_drop_never_kept():
+    """Counting lowers the passes: without DropNeverKept every token of the sequence keeps neurons after the site."""
+    from stata_deploy.ir import structure_ir
+    from stata_deploy.ir.count import count
+    from stata_deploy.ir.passes import ApplyMasks, DropNeverKept
+
+    torch.manual_seed(0)
+    cfg = make_config("spikformer-tiny", depth=3, anchor=True)
+    model = liven_batchnorm(build_model(cfg).eval(), 0)
+    masks = random_timestep_masks(cfg, 1, 0.25, 0)
+    res = run_torch(model, torch.rand(2, 1, 8, 8), masks)
+    g = structure_ir(cfg).transform(ApplyMasks(masks))
+    all_tokens, union_only = count(g, res), count(g.transform(DropNeverKept()), res)
+    assert union_only.idle_neuron_updates == count_ops(cfg, res, masks).idle_neuron_updates
+    n, union, k = cfg.num_tokens, int(masks.sites[1].any(0).sum()), masks.kept(1)
+    per_token = 10 * cfg.dim  # q, k, v, attn, proj, fc2: D neurons each, fc1: 4 D (blocks 1 and 2)
+    assert union_only.idle_neuron_updates == (union - k) * cfg.T * per_token * 2
+    assert all_tokens.idle_neuron_updates == (n - k) * cfg.T * per_token * 2
+    assert all_tokens.neuron_updates == union_only.neuron_updates and all_tokens.sops == union_only.sops

@@ -135,25 +135,25 @@ class _Count:
 
     def idle_tokens(self, select: str) -> torch.Tensor | None:
         """(T,) token-slots whose membranes decay after drop Select ``select`` (summed over the batch): tokens whose
-        neurons exist but that are not kept at that timestep. None when there are none."""
-        if select not in self._idle:
-            self._idle[select] = self._idle_tokens(select)
-        return self._idle[select]
-
-    def _idle_tokens(self, select: str) -> torch.Tensor | None:
+        neurons exist but that are not kept at that timestep. None when there are none. Once per Select."""
+        if select in self._idle:
+            return self._idle[select]
         sel = self.graph.node(select)
-        if sel.mode != "drop":
-            return None
         pos = self.pos[select]  # (T, B, k)
-        if sel.static:  # the neurons after the site: its schedule's tokens (DropNeverKept), else all of its input's
-            union = torch.tensor(float(self.graph.population(select) * self.B), dtype=torch.float64)
-        else:  # known at run time only: the tokens this run kept at some timestep
-            present = torch.zeros(self.B, self.graph.n_tokens, dtype=torch.bool)
-            for t in range(self.T):
-                present.scatter_(1, pos[t], True)
-            union = present.sum(1, dtype=torch.float64).sum()
-        idle = (union - float(self.B * pos.shape[-1])).expand(self.T).clone()
-        return None if float(idle.abs().sum()) == 0 else idle
+        if sel.mode != "drop":
+            idle = None
+        else:
+            if sel.static:  # the neurons after the site: its schedule's tokens (DropNeverKept), else its input's
+                union = torch.tensor(float(self.graph.population(select) * self.B), dtype=torch.float64)
+            else:  # known at run time only: the tokens this run kept at some timestep
+                present = torch.zeros(self.B, self.graph.n_tokens, dtype=torch.bool)
+                for t in range(self.T):
+                    present.scatter_(1, pos[t], True)
+                union = present.sum(1, dtype=torch.float64).sum()
+            idle = (union - float(self.B * pos.shape[-1])).expand(self.T).clone()
+            idle = None if float(idle.abs().sum()) == 0 else idle
+        self._idle[select] = idle
+        return idle
 
 
 @torch.no_grad()

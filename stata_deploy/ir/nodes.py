@@ -565,11 +565,11 @@ class Graph:
         for entry, exit_ in self.blocks:
             if entry not in shapes or exit_ not in shapes:
                 raise IRError(f"block ({entry!r}, {exit_!r}) names unknown nodes")
-        full = [shapes[n.name][0] for n in self.nodes if isinstance(n, Tokens)]
+        n_full = next((shapes[n.name][0] for n in self.nodes if isinstance(n, Tokens)), None)
         for n in self.nodes:
-            if isinstance(n, Select) and n.static and n.schedule.shape != (self.nodes[0].T, *full[:1]):
-                raise IRError(f"the schedule of {n.name!r} has shape {n.schedule.shape}, the graph has "
-                              f"T={self.nodes[0].T} and {full[:1] or 'no'} tokens")
+            if isinstance(n, Select) and n.static and n.schedule.shape != (self.nodes[0].T, n_full):
+                raise IRError(f"the schedule of {n.name!r} has shape {n.schedule.shape}, expected (T, tokens) = "
+                              f"({self.nodes[0].T}, {n_full})")
         object.__setattr__(self, "shapes", shapes)
         object.__setattr__(self, "schedules", schedules)
         object.__setattr__(self, "_index", {n.name: n for n in self.nodes})
