@@ -7,13 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stata_deploy.attention import Hadamard, MatMul, TokenSum
+from stata_deploy.attention import ATTENTIONS, Hadamard, MatMul, TokenSum
 from stata_deploy.config import PruneConfig, make_config
 from stata_deploy.inference import run_torch
 from stata_deploy.model import build_model
-from stata_deploy.pruning import TokenMasks, calibrate_masks
+from stata_deploy.pruning import SCORERS, TokenMasks, calibrate_masks
 from stata_deploy.results import RunResult
 from stata_deploy.sops import CountError, OpsReport, count_ops
+from stata_deploy.testing import liven_batchnorm, random_timestep_masks
 
 
 # ------------------------------------------------------------------------------------------- hand-built
@@ -194,6 +195,9 @@ CASES = [  # (attention, prune, static masks)
     ("a2os2a", dict(method="anchor", keep=0.5), False),
     ("a2os2a", dict(method="ssa", keep=0.4), False),
 ]
+CASES += [(a, dict(method=m, keep=0.5) if m != "none" else dict(method=m), False)  # every registered kind x scorer
+          for a in ATTENTIONS.names() for m in ["none"] + SCORERS.names()
+          if not any(c[0] == a and c[1]["method"] == m and not c[2] for c in CASES)]
 
 
 @pytest.mark.parametrize("attention,prune,static", CASES,
@@ -216,7 +220,7 @@ def test_counts_match_forward_hooks(attention, prune, static):
         lo = rep.layer(name)
         for f, v in o.items():
             assert getattr(lo, f) * B == pytest.approx(v, abs=1e-6), (name, f)
-    n_att = {"ssa": 2, "sdsa": 3, "a2os2a": 2}[attention]
+    n_att = sum(isinstance(m, (MatMul, Hadamard, TokenSum)) for m in model.blocks[0].attn.modules())
     assert len(oracle) == 5 + cfg.depth * (6 + n_att) + 1  # 5 stem convs, 6 Linears + products per block, head
     assert oracle["blocks.2.mlp.fc1"]["events"] > 0 and oracle["blocks.2.attn.proj"]["acs"] > 0
     # every neuron layer's updates and spikes
@@ -273,3 +277,77 @@ def test_pruning_reduces_ops_and_merge_and_errors():
     res.kept.clear()
     with pytest.raises(CountError, match="site 1"):
         count_ops(pcfg, res)
+
+
+# ------------------------------------------------------------- the IR counter equals today's counter (issue 13)
+def _variants():
+    """(pruning method, how the run is pruned): every registered scorer, dynamic and with calibrated masks."""
+    yield "none", "unpruned"
+    yield "none", "random-masks"  # an unpruned model run with per-timestep masks (what the Lava tests run)
+    for method in SCORERS.names():
+        yield method, "dynamic"
+        yield method, "calibrated"
+    yield "stata", "random-masks"  # per-timestep masks, time-varying for every site token
+
+
+EQUAL_CASES = [(a, m, v) for a in ATTENTIONS.names() for m, v in _variants()]
+
+
+def assert_same_report(got: OpsReport, want: OpsReport):
+    """Every layer: name, kind, neuron, fan-out, the same per-timestep counts (same keys) and events (1e-9 rel)."""
+    assert (got.samples, got.T) == (want.samples, want.T)
+    assert [l.name for l in got.layers] == [l.name for l in want.layers]
+    for g, w in zip(got.layers, want.layers):
+        assert (g.kind, g.neuron, g.fan_out) == (w.kind, w.neuron, w.fan_out), g.name
+        assert list(g.counts_t) == list(w.counts_t), g.name
+        for f in w.counts_t:
+            np.testing.assert_allclose(g.counts_t[f], w.counts_t[f], rtol=1e-9, atol=0, err_msg=f"{g.name} {f}")
+        assert (g.events_t is None) == (w.events_t is None), g.name
+        if w.events_t is not None:
+            np.testing.assert_allclose(g.events_t, w.events_t, rtol=1e-9, atol=0, err_msg=f"{g.name} events")
+    assert got.sops == pytest.approx(want.sops, rel=1e-9) and got.counts() == pytest.approx(want.counts(), rel=1e-9)
+
+
+@pytest.mark.parametrize("attention,method,variant", EQUAL_CASES, ids=[f"{a}-{m}-{v}" for a, m, v in EQUAL_CASES])
+def test_ir_counter_equals_the_frozen_reference(attention, method, variant, digits):
+    """Lively 5-block models (stata: sites 1 and 4; tp: every block from 1) on 8 digits images."""
+    import _sops_reference as frozen
+
+    if attention not in frozen.ATTENTIONS or method not in frozen.METHODS:
+        pytest.skip(f"{attention}/{method} is newer than the frozen reference; the forward-hook oracle covers it")
+    prune = PruneConfig(method=method, keep=0.5) if method != "none" else PruneConfig()
+    anchor = variant in ("dynamic", "random-masks")  # (stata and anchor always have one)
+    torch.manual_seed(0)
+    cfg = make_config("spikformer-tiny", attention=attention, depth=5, anchor=anchor, prune=prune)
+    model = liven_batchnorm(build_model(cfg).eval(), 0)
+    x = torch.as_tensor(digits.x_test[:8])
+    masks = None
+    if variant == "calibrated":
+        masks = calibrate_masks(model, [torch.as_tensor(digits.x_test[8:40])])
+    elif variant == "random-masks":
+        masks = random_timestep_masks(cfg, 1, 0.5, 0)
+    res = run_torch(model, x, masks)
+    want = frozen.count_ops_reference(cfg, res, masks)
+    assert want.sops > 0 and (variant == "unpruned" or len(res.kept) > 0)
+    assert_same_report(count_ops(cfg, res, masks), want)  # the IR counter (stata_deploy/ir/count.py)
+
+
+def test_idle_updates_are_those_of_the_graph_after_drop_never_kept():
+    """Counting lowers the passes: without DropNeverKept every token of the sequence keeps neurons after the site."""
+    from stata_deploy.ir import structure_ir
+    from stata_deploy.ir.count import count
+    from stata_deploy.ir.passes import ApplyMasks, DropNeverKept
+
+    torch.manual_seed(0)
+    cfg = make_config("spikformer-tiny", depth=3, anchor=True)
+    model = liven_batchnorm(build_model(cfg).eval(), 0)
+    masks = random_timestep_masks(cfg, 1, 0.25, 0)
+    res = run_torch(model, torch.rand(2, 1, 8, 8), masks)
+    g = structure_ir(cfg).transform(ApplyMasks(masks))
+    all_tokens, union_only = count(g, res), count(g.transform(DropNeverKept()), res)
+    assert union_only.idle_neuron_updates == count_ops(cfg, res, masks).idle_neuron_updates
+    n, union, k = cfg.num_tokens, int(masks.sites[1].any(0).sum()), masks.kept(1)
+    per_token = 10 * cfg.dim  # q, k, v, attn, proj, fc2: D neurons each, fc1: 4 D (blocks 1 and 2)
+    assert union_only.idle_neuron_updates == (union - k) * cfg.T * per_token * 2
+    assert all_tokens.idle_neuron_updates == (n - k) * cfg.T * per_token * 2
+    assert all_tokens.neuron_updates == union_only.neuron_updates and all_tokens.sops == union_only.sops
