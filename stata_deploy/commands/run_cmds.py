@@ -49,12 +49,11 @@ def compare_spikes(got, ref) -> dict:
 
 
 def _reference(rt, run: str | None):
-    from runtimes.torch_runtime import TorchRuntime
-
     from ..description import check_run, find_run
+    from ..registry import RUNTIMES
 
     run_dir = getattr(rt, "run_dir", None) or find_run(rt.path, run)
-    ref = TorchRuntime(run_dir, masks=rt.masks)
+    ref = RUNTIMES.get("torch")(run_dir, masks=rt.masks)
     check_run(getattr(rt, "description", None) or {}, rt.path, run_dir, ref.meta.get("weights_sha256"))
     return ref
 

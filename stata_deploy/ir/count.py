@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..results import RunResult
-from ..sops import CountError, LayerOps, OpsReport
+from .report import CountError, LayerOps, OpsReport
 from .nodes import (Add, BatchNorm, Conv, Graph, Head, Input, MaxPool, Neuron, Node, Product, Rejoin, Scorer, Select,
                     TokenLinear, Tokens)
 
@@ -447,3 +447,19 @@ COUNTS: dict[type, Callable] = {
     Rejoin: _rejoin,
     Head: _head,
 }
+
+
+def count_ops(cfg, result: RunResult, masks=None) -> OpsReport:
+    """Count the operations of one batch run of the model described by ``cfg`` (see the module doc).
+
+    ``masks``: the static masks the run used (None: dynamic pruning as configured in cfg, scorer included).
+    ``count`` on the IR of ``cfg`` (its structure, no weights), with static masks applied as passes.
+    """
+    from .build import structure_ir
+    from .passes import ApplyMasks, DropNeverKept
+
+    graph = structure_ir(cfg)
+    if masks is not None:
+        masks.check_model(cfg)
+        graph = graph.transform(ApplyMasks(masks)).transform(DropNeverKept())
+    return count(graph, result)
