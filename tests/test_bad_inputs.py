@@ -648,6 +648,10 @@ if "export" in CASES:
         "--out a symlink": Case(["export", "{base}", "--to", "onnx", "--out", "{symlink_onnx}"], "symbolic link"),
         "--split for onnx": Case(["export", "{base}", "--to", "onnx", "--split", "--out", "{out}/m.onnx"],
                                  "--split does not apply", ("{out}",)),
+        "--part for onnx": Case(["export", "{base}", "--to", "onnx", "--part", "stem", "--out", "{out}/m.onnx"],
+                                "--part does not apply", ("{out}",)),
+        "netx of a whole transformer": Case(["export", "{base}", "--to", "netx", "--out", "{out}/m.net"],
+                                            "netx (lava-dl) holds sequential", ("{out}",)),
     })
 if "run" in CASES:
     CASES["run"].update({
@@ -658,6 +662,9 @@ if "run" in CASES:
         "--timeout nan": Case(["run", "{onnx}", "--runtime", "lava", "--timeout", "nan"], "not a finite number"),
         "--timeout inf": Case(["run", "{onnx}", "--runtime", "lava", "--timeout", "inf"], "not a finite number"),
         "unknown option": Case(["run", "{onnx}", "--frobnicate"], "no such option"),
+        "--baseline without --hardware": Case(["run", "{onnx}", "--baseline", "{base}"], "needs --hardware"),
+        "unknown --hardware": Case(["run", "{onnx}", "--hardware", "z80"], "unknown hardware"),
+        "--compare outside a run folder": Case(["run", "{onnx}", "--compare", "torch", "--limit", "2"], "--run RUN"),
     })
 if "energy" in CASES:
     CASES["energy"].update({
