@@ -486,6 +486,25 @@ def _low_conv2d(bld, g, op, x, mask):
     return bld.synapse(x, M, None if bias is None else np.broadcast_to(bias, shape), op.shape, op.name, "sparse", mask)
 
 
+def _low_conv1d(bld, g, op, x, mask):
+    """A Conv1d over a token row (C, L): a 1x1 kernel is a per-token matmul, any other the sparse matrix of the
+    same conv on a height-1 image (C, 1, L) (same memory layout as (C, L))."""
+    p = op.params
+    w, b = p["weight"], p["bias"]
+    if len(x.shape) != 2:
+        raise NirFormatError(f"Conv1d {op.name!r}: input shape {x.shape} is not (C, L)")
+    bias = None if b is None else np.asarray(b, dtype=np.float64).reshape(-1, 1)
+    if w.shape[2] == 1 and p["groups"] == 1 and p["stride"] == 1 and p["padding"] == 0:
+        return bld.synapse(x, w[:, :, 0], bias, op.shape, op.name, "cf", mask)  # per-token linear
+    M, shape = _conv_matrix(w[:, :, None, :], (x.shape[0], 1, x.shape[1]), (1, p["stride"]), (0, p["padding"]),
+                            (1, p["dilation"]), p["groups"])
+    if (shape[0], shape[2]) != tuple(op.shape):
+        raise NirFormatError(f"Conv1d {op.name!r}: computed output {(shape[0], shape[2])} but the graph says "
+                             f"{op.shape}")
+    return bld.synapse(x, M, None if bias is None else np.broadcast_to(bias, op.shape), op.shape, op.name, "sparse",
+                       mask)
+
+
 def _low_sumpool2d(bld, g, op, x, mask):
     p = op.params
     C = x.shape[0]
@@ -509,6 +528,7 @@ def _low_lif(bld, g, op, x, mask):
 LOWER = {  # IR op kind -> lowering (the table of runtimes.nir_graph's op set)
     "output": _low_output,
     "affine": _low_affine,
+    "conv1d": _low_conv1d,
     "conv2d": _low_conv2d,
     "sumpool2d": _low_sumpool2d,
     "flatten": _low_flatten,
@@ -681,8 +701,7 @@ class LavaRuntime(Runtime):
     def _kept(self, B: int) -> dict[int, np.ndarray]:
         g, kept = self.graph, {}
         for site, sid in g.sites.items():
-            seg = g.segments[sid]
-            pos = np.stack([seg.positions[seg.schedule[t]] for t in range(g.T)])  # (T, k)
+            pos = np.stack([g.kept_positions(sid, t) for t in range(g.T)])  # (T, k), ascending
             kept[int(site)] = np.broadcast_to(pos[:, None, :], (g.T, B, pos.shape[1])).astype(np.int64).copy()
         return kept
 
