@@ -565,7 +565,7 @@ def _describe(b, model, masks, run_dir, time_varying, skip) -> dict:
         "timing": "zero delay: every node is evaluated once per timestep in topological order",
         "neuron": "nir.LIF under forward Euler with step dt; spike at v > v_threshold (NIR's rule; v_threshold is the "
                   "float32 below the model's V_th, so this is the model's v >= V_th), hard reset",
-        "layout": "token part: a (D, g, g) map without anchor and masks, else (D, 1, n) rows, token axis last, in "
+        "layout": "token part: a (D, g, g) map without anchor and masks, else (D, n) rows, token axis last, in "
                   "the order 'token_order' (the positions in the full sequence of the row before the first site; "
                   "anchor = 0); each token segment lists its positions in graph order",
         "token_order": None if b.order is None else [int(p) for p in b.order],

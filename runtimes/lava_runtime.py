@@ -537,7 +537,7 @@ LOWER = {  # IR op kind -> lowering (the table of runtimes.nir_graph's op set)
 
 
 def _heads_args(prefix: str, heads: int, shape, perm) -> dict:
-    """Split a token row (D, 1, n) or token map (D, g, g) (tokens = flattened h, w) into (H, dh, n) [+ perm]."""
+    """Split a token row (D, n) / (D, 1, n) or map (D, g, g) (tokens = flattened h, w) into (H, dh, n) [+ perm]."""
     D = shape[0]
     n = int(np.prod(shape[1:]))
     return {f"{prefix}_reshape": (heads, D // heads, n), f"{prefix}_perm": perm}
@@ -549,9 +549,9 @@ def _low_host(bld, g, h, nodes) -> _Node:
     ins = [nodes[p] for p in h.inputs]
     heads = int(h.attrs.get("heads", 1))
     shape = ins[0].shape
-    if len(shape) != 3 or any(i.shape != shape for i in ins):
-        raise NirFormatError(f"host operation {h.name!r}: ports must be token rows (D, 1, n) or maps (D, g, g) of "
-                             f"one shape, got {[i.shape for i in ins]}")
+    if len(shape) not in (2, 3) or any(i.shape != shape for i in ins):
+        raise NirFormatError(f"host operation {h.name!r}: ports must be token rows (D, n) / (D, 1, n) or maps "
+                             f"(D, g, g) of one shape, got {[i.shape for i in ins]}")
     D, n = shape[0], int(np.prod(shape[1:]))
     dh = D // heads
     NT = (0, 1, 3, 2)  # (B, H, dh, n) <-> (B, H, n, dh)
@@ -568,7 +568,7 @@ def _low_host(bld, g, h, nodes) -> _Node:
         k = bld.neuron(kpre, h.name + ".k", "relu", mask)
         v = bld.neuron(vpre, h.name + ".v", "ternary", mask, tau_steps=float(h.attrs.get("tau_steps", 2.0)), r=1.0,
                        v_leak=vr, v_th=float(h.attrs.get("v_th", 1.0)), v_reset=vr)
-        lay = "tokens" if shape[1] == 1 else "grid_tokens"
+        lay = "tokens" if (len(shape) == 2 or shape[1] == 1) else "grid_tokens"
         for role, node in (("k", k), ("v", v)):
             if role in h.records:
                 bld.record(h.records[role], node, (lay, h.tokens))

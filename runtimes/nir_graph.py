@@ -12,7 +12,7 @@ kind         per-sample semantics (no batch axis in ``shape``; the executor adds
 ===========  =====================================================================================================
 input        a graph input port. ``name == graph.input`` is the image (C, H, W); any other input is fed by a
              host op (``role == "host_result"``) or, in a ``--split`` segment file, by the previous segment
-output       a graph output port: the sum of its inputs (``graph.logits`` is the (C, 1, 1) logit port; others feed
+output       a graph output port: the sum of its inputs (``graph.logits`` is the (C, 1, 1) or (C, 1) logit port; others feed
              host ops or, in a segment file, the next segment)
 affine       y = W @ x + b over the LAST axis. ``W`` (..., out, in): leading axes are per-position batch axes
              (NIR's own rule: input_type = W.shape[:-2] + (in,)); b broadcasts to the output shape
