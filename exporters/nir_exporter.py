@@ -510,7 +510,7 @@ def build_graph(model, masks: TokenMasks | None, run_dir: str | None = None, wei
             cur = union
             n = len(cur)
         R, _, _ = _lower_block(b, blk, i, R, D, Tok(n, g if grid else None))
-    # head: mean over the image tokens kept per timestep + Linear = one Conv2d whose kernel covers the tokens
+    # head: mean over the image tokens kept per timestep + Linear = one conv whose kernel covers the tokens
     k_img = (masks.final_mask()[0].sum() if (masks is not None and not skip) else cfg.num_tokens) - n_fixed
     W = _f64(model.head.weight)  # (classes, D)
     if grid:  # kernel (g, g) over the map
