@@ -2,18 +2,26 @@
 
 1. A spike-driven (SDSA) sdt-tiny model: a complete standard NIR graph (Conv2d + LIF only, the AND gates are LIFs
    with tau = 1*dt). snntorch runs it; every LIF layer's spikes are compared with our torch model.
+1b. A token-pruned SDSA sdt-tiny (STATA, keep 0.5) whose static masks have a FIXED schedule (the same tokens at
+   every timestep, `calibrate_masks(..., schedule="fixed")` / `stata-deploy calibrate RUN --schedule fixed`): token
+   rows of Conv1d nodes (re-ordering, anchor, crop at the pruning site), entirely structural, so snntorch must
+   reproduce it exactly without our metadata.
 2. The first `--split` segment of spikformer-tiny (SSA): the SPS stem and block 0's Q/K/V neurons, a standard
    graph with one image input, replayed by snntorch the same way (one output port at a time: nirtorch 2.6 loops
    forever on graphs with several Output nodes; segments with several Input nodes are not importable either).
-Ties: snntorch fires at v > threshold, SpikingJelly/our torch model at v >= threshold. Binary spike sums hit the
-threshold exactly (e.g. LIF_0.5 on an integer token sum), so each case is also compared with our own reader run with
-the strict rule: zero mismatches there means the tie rule is the only difference.
+Ties: snntorch fires at v > threshold, SpikingJelly/our torch model at v >= threshold; the exporter writes the
+float32 below each threshold, which makes the two rules agree. Each case is also compared with our own reader run
+with the strict rule (v > th on the written threshold): zero mismatches there means any torch mismatch is a tie.
+Recorded peer spikes are put in torch's slot layout by our reader's rule (graph token order -> ascending
+positions, kept tokens only).
 
-Usage: python benchmarks/nir_peer_parity.py [--samples 300] [--run RUN]
+Usage: python benchmarks/nir_peer_parity.py [--samples 300] [--run RUN] [--pruned-run RUN]
   --run RUN: part 1 on a trained run (e.g. `stata-deploy train --model sdt-tiny --out RUN`; its RUN/masks.json is
   used when present) instead of an untrained lively sdt-tiny.
+  --pruned-run RUN: part 1b on a trained pruned run calibrated with `stata-deploy calibrate RUN --schedule fixed`
+  (its RUN/masks.json) instead of a lively sdt-tiny with fixed-schedule masks calibrated on 64 training images.
 Install snntorch without torch: pip install --no-deps snntorch==1.0.0 nirtorch==2.6
-Last line: key=value headline.
+Last line: key=value headline (sdsa_*: part 1, pruned_*: part 1b, stem_segment_*: part 2).
 """
 from __future__ import annotations
 
@@ -85,9 +93,120 @@ def single_output(src: str, port: str, dst: str) -> None:
 
 
 def to_torch_layout(name: str, a: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """A (T, B, D, g, g) map / (T, B, D, 1, 1) recording in torch's (T, B, N, D) layout (graphs without a token
+    row; rows need the graph's token order: ``graph_to_torch``)."""
     if ref.ndim == 4:  # (T, B, N, D) tokens vs (T, B, D, g, g) map or (T, B, D, 1, 1)
         return a.reshape(a.shape[0], a.shape[1], a.shape[2], -1).transpose(0, 1, 3, 2)
     return a
+
+
+def graph_to_torch(G, recs: dict) -> dict:
+    """Peer recordings by torch layer name -> torch's slot layout, by our reader's rule (token order, kept tokens)."""
+    from runtimes.nir_graph import _to_torch_layout
+
+    lay = {o.layer: (o.layout, o.tokens) for o in G.ops.values() if o.layer}
+    return {k: _to_torch_layout(G, *lay[k], v) for k, v in recs.items()}
+
+
+def flip_margins(model, masks, x, ref: dict, got: dict) -> float | None:
+    """max |H - V_th| over the root flips (in the first mismatching layer of each sample, each neuron's first
+    mismatching timestep), H = torch's membrane
+    recomputed in float64 from the float32 input torch fed that LIF layer (None: no flip, or a per-timestep schedule,
+    whose token state this recomputation does not follow). A margin of ~1e-7 is float32 rounding of the
+    pre-activation at the threshold (BatchNorm folded into the weights rounds differently from torch's conv + BN),
+    not a different network."""
+    from stata_deploy.inference import run_torch
+
+    if masks is not None and any((m != m[:1]).any() for m in masks.sites.values()):
+        return None
+    names = list(ref)
+    B = next(iter(ref.values())).shape[1]
+    pos = []
+    for b in range(B):
+        for k in names:
+            if k not in got:
+                break
+            d = np.argwhere(got[k][:, b] != ref[k][:, b])
+            if len(d):  # each neuron's first mismatching timestep (later ones follow from its state)
+                first: dict = {}
+                for row in d:
+                    first.setdefault(tuple(int(v) for v in row[1:]), int(row[0]))
+                pos += [(k, b, (t, *rest)) for rest, t in first.items()]
+                break
+    if not pos:
+        return None
+    samples = sorted({b for _, b, _ in pos})
+    mods = dict(model.named_modules())
+    cap: dict = {}
+    hooks = [mods[k].register_forward_hook(lambda m, i, o, k=k: cap.__setitem__(k, i[0].detach().double().numpy()))
+             for k in {k for k, _, _ in pos}]
+    try:
+        run_torch(model, torch.as_tensor(x[samples]), masks)
+    finally:
+        for h in hooks:
+            h.remove()
+    margins = []
+    for k, b, (t, *rest) in pos:
+        X = cap[k][:, samples.index(b)]
+        mod = mods[k]
+        th, tau, vr = float(mod.v_th), float(mod.tau), float(mod.v_reset)
+        V = np.full(X.shape[1:], vr)
+        for tt in range(t + 1):
+            H = V + (X[tt] - (V - vr)) / tau
+            V = np.where(H >= th, vr, H)
+        margins.append(abs(float(H[tuple(rest)]) - th))
+    return max(margins)
+
+
+def complete_graph_parity(model, masks, x, chunk: int, path: str, label: str) -> dict:
+    """Export (model, masks) to ``path``, replay it in snntorch and compare every LIF layer with torch."""
+    from exporters.nir_exporter import NirExporter
+    from runtimes.nir_graph import execute, read_graph
+    from stata_deploy.inference import run_torch
+
+    summ = NirExporter().export(model, masks, Path(path))
+    G = read_graph(path)
+    ref_sp, peer_sp, strict_sp = {}, {}, {}
+    agree: list = []
+    t0 = time.perf_counter()
+    for i in range(0, len(x), chunk):
+        xb = x[i:i + chunk]
+        ref_res = run_torch(model, torch.as_tensor(xb), masks)
+        ref = ref_res.spikes
+        peer, peer_out = snntorch_run(path, xb, model.cfg.T, list(ref))
+        peer = graph_to_torch(G, peer)
+        peer_pred = torch.stack(peer_out).mean(0).reshape(len(xb), -1).argmax(-1).numpy()
+        agree.append(peer_pred == ref_res.predictions)
+        strict = execute(G, xb, strict_ties=True).spikes
+        for k in ref:
+            ref_sp.setdefault(k, []).append(ref[k])
+            if k in peer:
+                peer_sp.setdefault(k, []).append(peer[k])
+            strict_sp.setdefault(k, []).append(strict[k])
+    cat = lambda d: {k: np.concatenate(v, 1) for k, v in d.items()}  # noqa: E731
+    ref_sp, peer_sp, strict_sp = cat(ref_sp), cat(peer_sp), cat(strict_sp)
+    per, tot, n = spike_mismatches(ref_sp, peer_sp)
+    _, tot_strict, _ = spike_mismatches(strict_sp, peer_sp)
+    roots = root_flips(ref_sp, peer_sp)
+    margin = flip_margins(model, masks, x, ref_sp, peer_sp) if roots else None
+    fired = int(sum(np.abs(v).sum() for v in ref_sp.values()))
+    print(f"[{label}] {len(x)} inputs, {time.perf_counter() - t0:.1f}s; nodes {summ['nodes']}; "
+          f"exact without metadata: {summ['exact_without_metadata']}")
+    if not summ["exact_without_metadata"]:
+        print("  NOTE: the masks vary per timestep; snntorch (a metadata-blind reader) computes the union of kept "
+              "tokens at every timestep, so mismatches are expected")
+    for k, v in per.items():
+        print(f"  {k:28s} {v:8d} / {ref_sp[k].size}")
+    print(f"  snntorch vs torch: {tot} of {n} spike slots differ ({fired} spikes fired; {roots} flips start a "
+          "divergence, the rest propagate)")
+    if margin is not None:
+        print(f"  the root flips are at |H - V_th| <= {margin:.2e} in torch (float32 rounding at the threshold)")
+    print(f"  snntorch vs our reader with the strict tie rule (v > th): {tot_strict} differ")
+    agreement = float(np.concatenate(agree).mean())
+    print(f"  prediction agreement snntorch vs torch: {agreement:.4f}")
+    return dict(mismatches=tot, spikes=n, fired=fired, root_flips=roots, mismatches_strict_reader=tot_strict,
+                agreement=agreement, layers=len(per), exact_without_metadata=summ["exact_without_metadata"],
+                root_flip_max_margin=None if margin is None else float(f"{margin:.3g}"))
 
 
 def main():
@@ -95,6 +214,9 @@ def main():
     ap.add_argument("--samples", type=int, default=300)
     ap.add_argument("--chunk", type=int, default=50)
     ap.add_argument("--run", default=None, help="a trained run folder for part 1 (default: a lively sdt-tiny)")
+    ap.add_argument("--pruned-run", default=None,
+                    help="a trained pruned run with fixed-schedule RUN/masks.json for part 1b (default: a lively "
+                         "sdt-tiny, STATA keep 0.5, masks calibrated with schedule='fixed')")
     args = ap.parse_args()
     torch.set_num_threads(1)
     try:
@@ -103,58 +225,49 @@ def main():
     except ImportError as e:
         sys.exit(f"snntorch is not installed ({e}); pip install --no-deps snntorch==1.0.0 nirtorch==2.6")
     from exporters.nir_exporter import NirExporter
-    from runtimes.nir_graph import execute, read_graph, simulate
+    from runtimes.nir_graph import read_graph, simulate
+    from stata_deploy.checkpoint import load_model
     from stata_deploy.data import load_dataset
     from stata_deploy.inference import run_torch
+    from stata_deploy.pruning import TokenMasks, calibrate_masks
 
     ds = load_dataset("digits")
     xcal = ds.x_train[:64]
     x = ds.x_test[: args.samples]
     head = {}
     tmp = Path(tempfile.mkdtemp())
-    # ---------------- 1. SDSA, complete graph
-    masks = None
-    if args.run:
-        from stata_deploy.checkpoint import load_model
-        from stata_deploy.pruning import TokenMasks
 
-        model, _ = load_model(args.run)
-        if (Path(args.run) / "masks.json").is_file():
-            masks = TokenMasks.load(Path(args.run) / "masks.json")
+    def from_run(run):
+        model, _ = load_model(run)
+        masks = TokenMasks.load(Path(run) / "masks.json") if (Path(run) / "masks.json").is_file() else None
+        return model, masks
+
+    # ---------------- 1. SDSA, complete graph
+    if args.run:
+        model, masks = from_run(args.run)
     else:
-        model, _ = lively_model("sdt-tiny", x_cal=xcal)
-    path = str(tmp / "sdt.nir")
-    NirExporter().export(model, masks, Path(path))
-    G = read_graph(path)
-    ref_sp, peer_sp, strict_sp = {}, {}, {}
-    agree: list = []
-    t0 = time.perf_counter()
-    for i in range(0, len(x), args.chunk):
-        xb = x[i:i + args.chunk]
-        ref_res = run_torch(model, torch.as_tensor(xb), masks)
-        ref = ref_res.spikes
-        peer, peer_out = snntorch_run(path, xb, model.cfg.T, list(ref))
-        peer_pred = torch.stack(peer_out).mean(0).reshape(len(xb), -1).argmax(-1).numpy()
-        agree.append(peer_pred == ref_res.predictions)
-        strict = execute(G, xb, strict_ties=True).spikes
-        for k in ref:
-            ref_sp.setdefault(k, []).append(ref[k])
-            peer_sp.setdefault(k, []).append(to_torch_layout(k, peer[k], ref[k]))
-            strict_sp.setdefault(k, []).append(strict[k])
-    cat = lambda d: {k: np.concatenate(v, 1) for k, v in d.items()}  # noqa: E731
-    ref_sp, peer_sp, strict_sp = cat(ref_sp), cat(peer_sp), cat(strict_sp)
-    per, tot, n = spike_mismatches(ref_sp, peer_sp)
-    _, tot_strict, _ = spike_mismatches(strict_sp, peer_sp)
-    roots = root_flips(ref_sp, peer_sp)
-    print(f"[sdt-tiny, SDSA, complete standard graph] {len(x)} inputs, {time.perf_counter() - t0:.1f}s")
-    for k, v in per.items():
-        print(f"  {k:28s} {v:8d} / {ref_sp[k].size}")
-    print(f"  snntorch vs torch: {tot} of {n} spikes differ ({roots} flips start a divergence; the rest propagate)")
-    print(f"  snntorch vs our reader with the strict tie rule (v > th): {tot_strict} differ")
-    agreement = float(np.concatenate(agree).mean())
-    print(f"  prediction agreement snntorch vs torch: {agreement:.4f}")
-    head.update(sdsa_mismatches=tot, sdsa_spikes=n, sdsa_root_flips=roots, sdsa_mismatches_strict_reader=tot_strict,
-                sdsa_agreement=agreement)
+        (model, _), masks = lively_model("sdt-tiny", x_cal=xcal), None
+    r = complete_graph_parity(model, masks, x, args.chunk, str(tmp / "sdt.nir"),
+                              f"{args.run or 'lively sdt-tiny'}: SDSA, complete standard graph"
+                              + (f", masks {masks.meta.get('schedule', '?')}" if masks is not None else ""))
+    head.update({f"sdsa_{k}": r[k] for k in ("mismatches", "spikes", "root_flips", "root_flip_max_margin",
+                                              "mismatches_strict_reader", "agreement")})
+    # ---------------- 1b. SDSA, token-pruned, fixed schedule
+    if args.pruned_run:
+        model, masks = from_run(args.pruned_run)
+        if masks is None:
+            sys.exit(f"{args.pruned_run} has no masks.json: run `stata-deploy calibrate {args.pruned_run} "
+                     "--schedule fixed` first")
+    else:
+        model, _ = lively_model("sdt-tiny", "stata", 0.5, x_cal=xcal)
+        masks = calibrate_masks(model, [torch.as_tensor(xcal)], schedule="fixed")
+    kept = {s: masks.kept(s) for s in sorted(masks.sites)}
+    r = complete_graph_parity(model, masks, x, args.chunk, str(tmp / "sdt-pruned.nir"),
+                              f"{args.pruned_run or 'lively sdt-tiny STATA 0.5'}: SDSA, token-pruned, masks "
+                              f"{masks.meta.get('schedule', '?')}, kept {kept} of {masks.n_full}")
+    head.update({f"pruned_{k}": r[k] for k in ("mismatches", "spikes", "root_flips", "root_flip_max_margin",
+                                                "mismatches_strict_reader", "agreement", "exact_without_metadata")})
+    head["pruned_kept"] = "/".join(f"{v}of{masks.n_full}" for v in kept.values())
     # ---------------- 2. SSA: the stem segment of --split
     model, _ = lively_model("spikformer-tiny", x_cal=xcal)
     path = str(tmp / "ssa.nir")
@@ -178,6 +291,7 @@ def main():
             ref_sp.setdefault(k, []).append(ref[k])
             peer_sp.setdefault(k, []).append(to_torch_layout(k, peer[k], ref[k]))
             strict_sp.setdefault(k, []).append(to_torch_layout(k, np.stack(recs[k]), ref[k]))
+    cat = lambda d: {k: np.concatenate(v, 1) for k, v in d.items()}  # noqa: E731
     ref_sp, peer_sp, strict_sp = cat(ref_sp), cat(peer_sp), cat(strict_sp)
     per, tot2, n2 = spike_mismatches(ref_sp, peer_sp)
     _, tot2s, _ = spike_mismatches(strict_sp, peer_sp)

@@ -1,9 +1,10 @@
 """Export a trained stata-deploy model (and its static token masks) to a standard NIR 1.0 file.
 
-Only the standard NIR node types are written (Input, Output, Affine, Conv2d, SumPool2d, LIF): a custom node type
-makes ``nir.read`` fail for every reader. Everything a reader must know beyond the standard nodes is described in
-the graph metadata under ``"stata_deploy"`` (a JSON string); ``runtimes.nir_graph`` documents the executed
-semantics. The lowering:
+Only the standard NIR node types are written (Input, Output, Conv1d, Conv2d, Flatten, SumPool2d, LIF): a custom node
+type makes ``nir.read`` fail for every reader, and other readers map ``nir.Affine`` to a 2-D linear layer (the
+batched Affine NIR allows fails there), so no Affine is written. Everything a reader must know beyond the standard
+nodes is described in the graph metadata under ``"stata_deploy"`` (a JSON string); ``runtimes.nir_graph`` documents
+the executed semantics. The lowering:
 
 - LIF (SpikingJelly form, tau in steps) -> ``nir.LIF(tau=tau_steps*NIR_DT, r=1, v_leak=V_reset, v_reset=V_reset,
   v_threshold=nir_threshold(V_th))`` with float64 parameters; under forward Euler with step NIR_DT this is the same
@@ -15,23 +16,34 @@ semantics. The lowering:
 - The SPS stem: Conv2d / LIF nodes on (C, H, W) maps; a max-pool of binary spikes is a SumPool2d followed by a
   memoryless gate (LIF with tau = NIR_DT, threshold 0.5: "any spike in the window"); the RPE residual sum is two
   edges into one node.
-- Tokens: the (D, g, g) map becomes a token row (D, 1, N) through two depthwise Conv2d nodes with one-hot kernels
-  (a pure re-indexing, token p = i*g + j as in torch's flatten). Per-token Linear+BN = Conv2d 1x1. The anchor token
-  and the token selection at a pruning site are Affine nodes over the token axis (NIR's batched Affine: weight
-  (D, 1, n_out, n_in)). Residual sums are several edges into one node. The head (mean over image tokens + Linear)
-  is one Conv2d with kernel (1, n): output port ``logits`` (classes, 1, 1); the prediction averages it over T.
+- Tokens, model without anchor and masks: they stay on the (D, g, g) map (per-token Linear = 1x1 Conv2d, token sum /
+  broadcast / head = Conv2d with (g, g) kernels): Conv2d and LIF nodes only.
+- Tokens otherwise: a token row (D, n), token axis last, built of Conv1d nodes (NIR 1.0.8 types a Conv2d's output
+  with its kernel HEIGHT for both spatial axes, so a (1, K) Conv2d kernel over a (D, 1, n) row makes nir.read fail
+  its type check; Conv1d is typed correctly). ``Flatten(-2, -1)`` turns the map into the row; the row's token order
+  (``token_order`` in metadata) puts the anchor first, then the tokens kept by the last pruning site, then those kept
+  by the site before, ... (a fixed schedule's kept sets are nested), so that every site keeps a PREFIX of the row:
+  its selection is a crop, one depthwise Conv1d with a one-hot kernel of width n_in - n_out + 1. The re-ordering
+  itself is one "token matrix" (four Conv1d with one-hot kernels through layouts where channels or tokens lie along
+  the length; see ``_Builder.token_matrix``). The anchor token is a Conv1d with zero weights and the anchor as its
+  bias, placed at its slot by a one-hot Conv1d. Per-token Linear+BN = Conv1d kernel 1. Residual sums are several
+  edges into one node. The head (mean over image tokens + Linear) is one conv whose kernel covers the tokens (zero
+  at the anchor): output port ``logits`` (classes, 1, 1) on the map, (classes, 1) on a row; the prediction averages
+  it over T.
 - SDSA (spike-driven) is complete in standard nodes: K ⊙ V = gate(k + v) with threshold 1.5, the token sum a
-  depthwise Conv2d with a (1, n) kernel of ones, LIF_0.5, a depthwise Conv2d that copies the (D, 1, 1) result to
-  every token, Q ⊙ kv = another gate. The gate is an ``nir.LIF`` with tau = 1 * NIR_DT (memoryless under Euler):
+  depthwise conv with a kernel of ones over the tokens, LIF_0.5, a depthwise conv that copies the (D, 1[, 1]) result
+  to every token, Q ⊙ kv = another gate. The gate is an ``nir.LIF`` with tau = 1 * NIR_DT (memoryless under Euler):
   snntorch 1.0.0 imports it exactly; ``nir.Threshold`` is rejected by spikingjelly's importer.
 - SSA and A²OS²A need a product of two activations, which NIR cannot express: Q, K, V leave the graph through
   Output ports and the product enters through an Input port; the host operation is described in metadata
   (``host_ops``). A metadata-ignoring reader sees a graph with extra inputs it has no values for: it cannot run the
   model without supplying them, so it cannot silently compute a different network. ``split=True`` also writes the
   standard segments between host operations as separate, runnable files.
-- Static masks (``TokenMasks``): at each drop site, tokens never kept at any timestep are removed from the graph;
-  the remaining schedule (T, n) is in metadata (``token_segments``) and executed by our reader. TP ("skip") masks
-  must be the same at every timestep and are then entirely structural.
+- Static masks (``TokenMasks``): at each drop site, tokens never kept at any timestep are removed from the graph
+  (the crop); the remaining schedule (T, n) is in metadata (``token_segments``, positions in graph order) and
+  executed by our reader. A fixed schedule (``calibrate --schedule fixed``) is entirely structural: the file is then
+  exact for a reader that ignores metadata. TP ("skip") masks must be the same at every timestep and are then
+  entirely structural (a crop before the block, a zero pad back into the row after it).
 """
 from __future__ import annotations
 
@@ -92,17 +104,18 @@ def _dense_groups(w: np.ndarray, groups: int) -> np.ndarray:
 @dataclass
 class Tok:
     """Token layout: ``grid`` = g: tokens are the (D, g, g) map of the stem (no anchor, no masks: every node is a
-    Conv2d/LIF that snntorch can import); ``grid`` = None: a token row (D, 1, n), token axis last."""
+    Conv2d/LIF); ``grid`` = None: a token row (D, n), token axis last (Conv1d nodes: NIR 1.0.8 types a Conv2d's
+    output with its kernel height for both spatial axes, so a (1, K) kernel over a (D, 1, n) row fails nir.read)."""
 
     n: int
     grid: int | None = None
 
-    @property
-    def hw(self) -> tuple[int, int]:
-        return (self.grid, self.grid) if self.grid else (1, self.n)
+    def shape(self, D: int) -> tuple:
+        return (D, self.grid, self.grid) if self.grid else (D, self.n)
 
-    def shape(self, D: int) -> tuple[int, int, int]:
-        return (D, *self.hw)
+    def single(self, D: int) -> tuple:
+        """Shape of a per-channel value (a token sum)."""
+        return (D, 1, 1) if self.grid else (D, 1)
 
     @property
     def layout(self) -> str:
@@ -123,6 +136,7 @@ class _Builder:
         self.segments: dict[str, dict] = {}
         self.sites: dict[str, str] = {}
         self.seg: str | None = None  # current token segment id (masked ops)
+        self.order = None  # positions (full sequence) of the token row before any site, graph order
 
     def add(self, name: str, node, inputs=(), **meta) -> str:
         if name in self.nodes:
@@ -162,32 +176,95 @@ class _Builder:
                                bias=np.asarray(b, np.float64))
         return self.add(name, node, inputs, tokens=tokens, role=role)
 
+    def conv1d(self, name, inputs, n_in, w, b, stride=1, padding=0, dilation=1, groups=1, tokens=None, role=None):
+        """A Conv1d over the token axis of a row (C, n_in) (grouped kernels written dense, as for Conv2d)."""
+        w = np.asarray(w, np.float64)
+        if groups != 1:
+            w = _dense_groups(w[:, :, None, :], int(groups))[:, :, 0, :]
+        node = self.nir.Conv1d(input_shape=int(n_in), weight=w, stride=int(stride), padding=int(padding),
+                               dilation=int(dilation), groups=1, bias=np.asarray(b, np.float64))
+        return self.add(name, node, inputs, tokens=tokens, role=role)
+
     def token_linear(self, name, inputs, lbn: LinearBN, tok: "Tok"):
-        """Per-token Linear + BN as a 1x1 Conv2d on the token map (D, g, g) or token row (D, 1, n)."""
+        """Per-token Linear + BN: a 1x1 Conv2d on the token map (D, g, g), a kernel-1 Conv1d on a row (D, n)."""
         w, b = fold_bn(lbn.linear.weight, lbn.linear.bias, lbn.bn)
-        return self.conv(name, inputs, tok.hw, w[:, :, None, None], b, tokens=self.seg)
+        if tok.grid:
+            return self.conv(name, inputs, (tok.grid, tok.grid), w[:, :, None, None], b, tokens=self.seg)
+        return self.conv1d(name, inputs, tok.n, w[:, :, None], b, tokens=self.seg)
 
     def token_sum(self, name, src, D, tok: "Tok"):
-        """Sum over tokens -> (D, 1, 1): grid: Conv2d with a (g, g) kernel of ones per channel; row: Affine."""
+        """Sum over tokens -> (D, 1, 1) / (D, 1): a depthwise conv whose kernel of ones covers the map / row."""
         if tok.grid:
             g = tok.grid
             return self.conv(name, [src], (g, g), np.ones((D, 1, g, g)), np.zeros(D), groups=D, role="token_sum")
-        return self.token_affine(name, [src], D, np.ones((1, tok.n)))
+        return self.conv1d(name, [src], tok.n, np.ones((D, 1, tok.n)), np.zeros(D), groups=D, role="token_sum")
 
     def token_broadcast(self, name, src, D, tok: "Tok"):
-        """(D, 1, 1) -> every token: grid: Conv2d (g, g) of ones with padding g-1; row: Affine."""
+        """(D, 1, 1) / (D, 1) -> every token: a depthwise conv of ones with padding kernel - 1."""
         if tok.grid:
             g = tok.grid
             return self.conv(name, [src], (1, 1), np.ones((D, 1, g, g)), np.zeros(D), padding=g - 1, groups=D,
                              role="token_broadcast")
-        return self.token_affine(name, [src], D, np.ones((tok.n, 1)), tokens=self.seg)
+        n = tok.n
+        return self.conv1d(name, [src], 1, np.ones((D, 1, n)), np.zeros(D), padding=n - 1, groups=D,
+                           role="token_broadcast", tokens=self.seg)
 
-    def token_affine(self, name, inputs, D, mat, bias=None, tokens=None):
-        """Affine over the token axis, the same (n_out, n_in) matrix for every channel: weight (D, 1, n_out, n_in)."""
-        n_out, n_in = mat.shape
-        w = np.broadcast_to(np.asarray(mat, np.float64), (D, 1, n_out, n_in)).copy()
-        b = np.zeros((D, 1, n_out)) if bias is None else np.asarray(bias, np.float64)
-        return self.add(name, self.nir.Affine(weight=w, bias=b), inputs, tokens=tokens)
+    def token_window(self, name, inputs, D, n_in, n_out, shift=0, tokens=None, role="reindex"):
+        """Token row (D, n_in) -> (D, n_out), output token q = input token q + shift (zero outside the input): one
+        depthwise Conv1d with a one-hot kernel of width K and padding P. shift 0 and n_out < n_in is a crop (the
+        first n_out tokens), n_out > n_in a zero pad; a copy with weight 1, exact in any reader."""
+        for P in range(0, n_in + n_out + abs(shift) + 1):
+            K = n_in + 2 * P + 1 - n_out
+            kk = shift + P
+            if K >= 1 and 0 <= kk < K:
+                break
+        else:  # pragma: no cover - P = n_out + |shift| always works
+            raise StataError(f"internal: no window conv for {n_in} -> {n_out} tokens, shift {shift}")
+        w = np.zeros((D, 1, K))
+        w[:, 0, kk] = 1.0
+        return self.conv1d(name, inputs, n_in, w, np.zeros(D), padding=P, groups=D, tokens=tokens, role=role)
+
+    def token_matrix(self, name, inputs, D, n_in, mat, tokens=None, role="reindex"):
+        """out[d, a] = sum_p mat[a, p] in[d, p] for every channel d: a row (D, n_in) -> (D, n_out) with the same
+        (n_out, n_in) matrix for every channel (a permutation, a selection or its transpose). Other readers map
+        nir.Affine to a 2-D linear layer and NIR's Conv1d does not model groups, so this is four dense Conv1d with
+        one-hot kernels (weights D^2 + n_out*n_in + n_out^2 + D^2, no D^2 * n^2 term), through layouts where the
+        tokens or the channels lie along the length:
+          .stack   (D, n_in)     -> (1, D*n_in)   kernel D, dilation n_in, padding (D-1)*n_in (channel d -> block d)
+          .gather  (1, D*n_in)   -> (n_out, D)    kernel n_in, stride n_in: channel a = mat[a] . block d
+          .unstack (n_out, D)    -> (1, n_out*D)  kernel n_out, dilation D, padding (n_out-1)*D
+          .row     (1, n_out*D)  -> (D, n_out)    kernel D, stride D: channel d = element d of block a"""
+        mat = np.asarray(mat, np.float64)
+        n_out = mat.shape[0]
+        if mat.shape[1] != n_in:
+            raise StataError(f"internal: token matrix {mat.shape} for {n_in} tokens")
+        ws = np.zeros((1, D, D))
+        ws[0, np.arange(D), D - 1 - np.arange(D)] = 1.0
+        s = self.conv1d(f"{name}.stack", inputs, n_in, ws, np.zeros(1), padding=(D - 1) * n_in, dilation=n_in,
+                        role=role)
+        g = self.conv1d(f"{name}.gather", [s], D * n_in, mat[:, None, :], np.zeros(n_out), stride=n_in, role=role)
+        wu = np.zeros((1, n_out, n_out))
+        wu[0, np.arange(n_out), n_out - 1 - np.arange(n_out)] = 1.0
+        u = self.conv1d(f"{name}.unstack", [g], D, wu, np.zeros(1), padding=(n_out - 1) * D, dilation=D, role=role)
+        wr = np.zeros((D, 1, D))
+        wr[np.arange(D), 0, np.arange(D)] = 1.0
+        return self.conv1d(f"{name}.row", [u], n_out * D, wr, np.zeros(D), stride=D, tokens=tokens, role=role)
+
+    def token_select(self, name, inputs, D, cur, pos, tokens=None):
+        """The row holding positions ``cur`` (graph order) -> the row holding ``pos`` (in that order): a crop when
+        ``pos`` is a prefix of ``cur`` (the exporter orders tokens so that it is), else a token matrix."""
+        cur, pos = np.asarray(cur), np.asarray(pos)
+        if len(pos) <= len(cur) and np.array_equal(cur[:len(pos)], pos):
+            return self.token_window(name, inputs, D, len(cur), len(pos), tokens=tokens)
+        return self.token_matrix(name, inputs, D, len(cur), _selection(cur, pos), tokens=tokens)
+
+    def token_place(self, name, inputs, D, pos, cur, tokens=None):
+        """The row holding ``pos`` -> the row holding ``cur`` (zeros at the other positions): a zero pad when
+        ``pos`` is a prefix of ``cur``, else a token matrix."""
+        cur, pos = np.asarray(cur), np.asarray(pos)
+        if np.array_equal(cur[:len(pos)], pos):
+            return self.token_window(name, inputs, D, len(pos), len(cur), tokens=tokens)
+        return self.token_matrix(name, inputs, D, len(pos), _selection(cur, pos).T, tokens=tokens)
 
     def port_out(self, name, src, shape, tokens=None, role="host_port"):
         return self.add(name, self.nir.Output(output_type={"output": np.array(shape)}), [src], tokens=tokens, role=role)
@@ -224,27 +301,52 @@ def _lower_stem(b: _Builder, model) -> tuple[list[str], int, int]:
     return [*prev, rl], ch, hw
 
 
-def _lower_tokens(b: _Builder, srcs: list[str], D: int, g: int, model) -> tuple[list[str], int]:
-    """(D, g, g) map (sum of srcs) -> token row (D, 1, N [+1 anchor]).
+def _lower_tokens(b: _Builder, srcs: list[str], D: int, g: int, model, order: np.ndarray) -> list[str]:
+    """(D, g, g) map (sum of srcs) -> token row (D, n) holding the sequence positions ``order`` (graph order; the
+    anchor is position 0, image token p = i*g + j of the map is position p + 1 with an anchor, p without).
 
-    One Conv2d re-indexes the map: kernel (g, g), dilation (1, g), padding (0, (g-1)*g), weight[d, d, i, g-1-i] = 1,
-    so output column p = i*g + j reads row i, column j (torch's flatten order). The anchor token is an Affine over
-    the token axis whose bias holds it at position 0."""
-    w = np.zeros((D, D, g, g))
-    for d in range(D):
-        for i in range(g):
-            w[d, d, i, g - 1 - i] = 1.0
-    node = b.nir.Conv2d(input_shape=(g, g), weight=w, stride=1, padding=(0, (g - 1) * g), dilation=(1, g), groups=1,
-                        bias=np.zeros(D))
-    cols = b.add("tokens.row", node, srcs, role="reindex")
-    n = g * g
-    if model.anchor is not None:
-        mat = np.zeros((n + 1, n))
-        mat[1:, :] = np.eye(n)
-        bias = np.zeros((D, 1, n + 1))
-        bias[:, 0, 0] = _f64(model.anchor).reshape(-1)
-        return [b.token_affine("tokens.anchor", [cols], D, mat, bias)], n + 1
-    return [cols], n
+    ``Flatten(-2, -1)`` gives the row in torch's flatten order (negative dims: per-sample and batched readings of
+    the dims agree); any other order is one token matrix (four Conv1d with one-hot kernels), a shift by the anchor
+    slot one window Conv1d. The anchor, a learned constant token, is a Conv1d with zero weights and the anchor as
+    its bias ((D, 1): the same value at every timestep, whatever its input), placed at its slot by a one-hot window
+    Conv1d (zero at the other tokens); every consumer sums the row and the placed anchor (two edges)."""
+    n_fixed = 1 if model.anchor is not None else 0
+    N = g * g
+    n = len(order)
+    flat = b.add("tokens.flat", b.nir.Flatten(input_type={"input": np.array([D, g, g])}, start_dim=-2, end_dim=-1),
+                 srcs, role="reindex")
+    img = order[order >= n_fixed] - n_fixed  # image tokens (map order) in graph order
+    slot = np.flatnonzero(order < n_fixed)
+    if np.array_equal(img, np.arange(N)) and (not n_fixed or np.array_equal(slot, [0])):
+        row = b.token_window("tokens.row", [flat], D, N, n, shift=-n_fixed) if n_fixed else flat
+    else:
+        mat = np.zeros((n, N))
+        for a_, p in enumerate(order):
+            if p >= n_fixed:
+                mat[a_, int(p) - n_fixed] = 1.0
+        row = b.token_matrix("tokens.row", [flat], D, N, mat)
+    if model.anchor is None:
+        return [row]
+    const = b.conv1d("tokens.anchor", [flat], N, np.zeros((D, D, 1)), _f64(model.anchor).reshape(-1), stride=N,
+                     role="anchor")
+    return [row, b.token_window("tokens.anchor.place", [const], D, 1, n, shift=-int(slot[0]), role="anchor")]
+
+
+def token_order(n: int, n_fixed: int, masks: TokenMasks | None) -> np.ndarray:
+    """The order of the token row (positions in the full sequence): every pruning site then keeps a prefix, so that
+    its selection is a crop. Drop mode (nested kept sets): the anchor, then the tokens kept (at any timestep) by the
+    last site, then those kept by the site before, ... then the tokens no site keeps (each group ascending). Skip
+    mode: the tokens of the first site, then the rest. No sites: ascending."""
+    pos = np.arange(n)
+    if masks is None or not masks.sites:
+        return pos
+    sites = sorted(masks.sites)
+    if masks.mode == "skip":
+        level = masks.sites[sites[0]][0].astype(int)
+    else:
+        level = sum(masks.sites[s].any(0).astype(int) for s in sites)
+    level = np.where(pos < n_fixed, len(sites) + 1, level)
+    return np.lexsort((pos, -level))
 
 
 # ----------------------------------------------------------------------------------------------- attention
@@ -301,7 +403,7 @@ def lower_sdsa(b: _Builder, attn: SDSA, pre: str, R: list[str], D: int, tok: Tok
     sh = tok.shape(D)
     kv = b.lif(f"{pre}.kv_and", [o["k"], o["v"]], sh, GATE_TH, 1.0, role="gate", tokens=b.seg)
     s = b.token_sum(f"{pre}.kv_sum", kv, D, tok)
-    a = b.neuron(f"{pre}.attn_lif", [s], (D, 1, 1), attn.attn_lif, "single")
+    a = b.neuron(f"{pre}.attn_lif", [s], tok.single(D), attn.attn_lif, "single")
     bc = b.token_broadcast(f"{pre}.kv_broadcast", a, D, tok)
     g = b.lif(f"{pre}.qkv_and", [o["q"], bc], sh, GATE_TH, 1.0, role="gate", tokens=b.seg)
     p = b.token_linear(f"{pre}.proj", [g], attn.proj, tok)
@@ -368,12 +470,14 @@ def build_graph(model, masks: TokenMasks | None, weights_sha256: str | None = No
     b = _Builder(cfg.T)
     srcs, D, g = _lower_stem(b, model)
     grid = masks is None and model.anchor is None
+    n_fixed = 1 if cfg.anchor else 0
     if grid:
         R, n = srcs, g * g  # tokens stay on the stem's (D, g, g) map: every node is a plain Conv2d / LIF
+        cur = np.arange(n)
     else:
-        R, n = _lower_tokens(b, srcs, D, g, model)
-    cur = np.arange(n)  # positions (in the full sequence) of the current token row
-    n_fixed = 1 if cfg.anchor else 0
+        cur = token_order(cfg.num_tokens, n_fixed, masks)  # positions (in the full sequence) of the token row
+        R, n = _lower_tokens(b, srcs, D, g, model, cur), len(cur)
+        b.order = cur
     sites = sorted(masks.sites) if masks is not None else []
     skip = masks is not None and masks.mode == "skip"
     time_varying = False
@@ -383,41 +487,41 @@ def build_graph(model, masks: TokenMasks | None, weights_sha256: str | None = No
             if (m != m[:1]).any():
                 raise UnsupportedOpError(f"skip-mode (tp) masks that differ across timesteps at block {i} have no "
                                          "NIR lowering (the torch model keeps slot state, not token state)")
-            keep_pos = np.flatnonzero(m[0])
-            sel = b.token_affine(f"blocks.{i}.select", R, D, _selection(cur, keep_pos), tokens=b.seg)
-            k = len(keep_pos)
-            _, a, mm = _lower_block(b, blk, i, [sel], D, Tok(k))
-            place = b.token_affine(f"blocks.{i}.place", [a, mm], D, _selection(cur, keep_pos).T, tokens=b.seg)
-            R = [*R, place]
+            keep_pos = cur[m[0][cur]]  # kept positions in graph order
             sid = f"site{i}"
             b.segments[sid] = dict(site=i, positions=keep_pos.tolist(), schedule=m[:, keep_pos].astype(int).tolist())
             b.sites[str(i)] = sid
+            outer, b.seg = b.seg, sid  # a constant all-ones schedule: only names the block's token order
+            sel = b.token_select(f"blocks.{i}.select", R, D, cur, keep_pos, tokens=sid)
+            _, a, mm = _lower_block(b, blk, i, [sel], D, Tok(len(keep_pos)))
+            b.seg = outer
+            R = [*R, b.token_place(f"blocks.{i}.place", [a, mm], D, keep_pos, cur, tokens=b.seg)]
             continue
         if i in sites:
             m = masks.sites[i]  # (T, n_full)
-            union = np.flatnonzero(m.any(0))
+            union = cur[m.any(0)[cur]]  # tokens kept at any timestep, graph order (a prefix of cur)
             sid = f"site{i}"
             sched = m[:, union]
             time_varying |= bool((sched != sched[:1]).any())
             b.segments[sid] = dict(site=i, positions=union.tolist(), schedule=sched.astype(int).tolist())
             b.sites[str(i)] = sid
             b.seg = sid
-            R = [b.token_affine(f"blocks.{i}.select", R, D, _selection(cur, union), tokens=sid)]
+            R = [b.token_select(f"blocks.{i}.select", R, D, cur, union, tokens=sid)]
             cur = union
             n = len(cur)
         R, _, _ = _lower_block(b, blk, i, R, D, Tok(n, g if grid else None))
-    # head: mean over image tokens kept per timestep + Linear, one Conv2d (classes, D, 1, n)
+    # head: mean over the image tokens kept per timestep + Linear = one conv whose kernel covers the tokens
     k_img = (masks.final_mask()[0].sum() if (masks is not None and not skip) else cfg.num_tokens) - n_fixed
     W = _f64(model.head.weight)  # (classes, D)
-    if grid:  # one Conv2d (classes, D, g, g): mean over the map + Linear
+    if grid:  # kernel (g, g) over the map
         w = np.broadcast_to(W[:, :, None, None] / float(k_img), (W.shape[0], D, g, g))
         b.conv("head", R, (g, g), w, _f64(model.head.bias))
-    else:  # Affine over the token axis (mean over kept image tokens), then a 1x1 Conv2d
-        mean = np.zeros((1, n))
-        mean[0, np.flatnonzero(cur >= n_fixed)] = 1.0 / float(k_img)
-        mt = b.token_affine("head.mean", R, D, mean)
-        b.conv("head", [mt], (1, 1), W[:, :, None, None], _f64(model.head.bias))
-    b.add("logits", nir.Output(output_type={"output": np.array([W.shape[0], 1, 1])}), ["head"])
+    else:  # a Conv1d with kernel n over the row, zero at the anchor's slot
+        w = np.zeros((W.shape[0], D, n))
+        w[:, :, np.flatnonzero(cur >= n_fixed)] = W[:, :, None] / float(k_img)
+        b.conv1d("head", R, n, w, _f64(model.head.bias))
+    b.add("logits", nir.Output(output_type={"output": np.array([W.shape[0], 1, 1] if grid else [W.shape[0], 1])}),
+          ["head"])
     desc = _describe(b, model, masks, weights_sha256, time_varying, skip)
     graph = nir.NIRGraph(nodes=b.nodes, edges=b.edges, metadata={description.META_KEY: description.encode(desc)})
     return graph, desc
@@ -452,11 +556,14 @@ def _describe(b, model, masks, weights_sha256, time_varying, skip) -> dict:
         "dt": NIR_DT,
         "input": "input",
         "logits": "logits",
-        "readout": "logits = mean over the T timesteps of output port 'logits' (classes, 1, 1)",
+        "readout": "logits = mean over the T timesteps of output port 'logits' ((classes, 1, 1) or (classes, 1))",
         "timing": "zero delay: every node is evaluated once per timestep in topological order",
         "neuron": "nir.LIF under forward Euler with step dt; spike at v > v_threshold (NIR's rule; v_threshold is the "
                   "float32 below the model's V_th, so this is the model's v >= V_th), hard reset",
-        "layout": "token part: (D, 1, n) rows, token axis last; Affine acts on the last axis (batched leading axes)",
+        "layout": "token part: a (D, g, g) map without anchor and masks, else (D, n) rows, token axis last, in "
+                  "the order 'token_order' (the positions in the full sequence of the row before the first site; "
+                  "anchor = 0); each token segment lists its positions in graph order",
+        "token_order": None if b.order is None else [int(p) for p in b.order],
         "host_ops": b.host_ops,
         "token_segments": b.segments,
         "sites": b.sites,
@@ -561,6 +668,8 @@ def summarize(graph) -> dict:
     """Node counts, neurons (LIF state elements) and synapses (nonzero weights) of a nir.NIRGraph."""
     import nir
 
+    from runtimes.nir_graph import conv_synapses
+
     counts: dict[str, int] = {}
     neurons = synapses = gates = 0
     for name, node in graph.nodes.items():
@@ -574,10 +683,9 @@ def summarize(graph) -> dict:
                 neurons += int(np.prod(node.tau.shape))
         elif isinstance(node, (nir.Affine, nir.Linear)):
             synapses += int(np.count_nonzero(node.weight))
-        elif isinstance(node, nir.Conv2d):
-            # synapses = nonzero weights x output positions they are applied at
-            ho, wo = (int(v) for v in np.asarray(node.output_type["output"])[1:])
-            synapses += int(np.count_nonzero(node.weight)) * ho * wo
+        elif isinstance(node, (nir.Conv1d, nir.Conv2d)):
+            # synapses = nonzero weights x the output positions where they read an input (not padding)
+            synapses += conv_synapses(node.weight, node.input_shape, node.stride, node.padding, node.dilation)
     return {"nodes": counts, "neurons": neurons, "gate_neurons": gates, "synapses": synapses}
 
 

@@ -486,6 +486,25 @@ def _low_conv2d(bld, g, op, x, mask):
     return bld.synapse(x, M, None if bias is None else np.broadcast_to(bias, shape), op.shape, op.name, "sparse", mask)
 
 
+def _low_conv1d(bld, g, op, x, mask):
+    """A Conv1d over a token row (C, L): a 1x1 kernel is a per-token matmul, any other the sparse matrix of the
+    same conv on a height-1 image (C, 1, L) (same memory layout as (C, L))."""
+    p = op.params
+    w, b = p["weight"], p["bias"]
+    if len(x.shape) != 2:
+        raise NirFormatError(f"Conv1d {op.name!r}: input shape {x.shape} is not (C, L)")
+    bias = None if b is None else np.asarray(b, dtype=np.float64).reshape(-1, 1)
+    if w.shape[2] == 1 and p["groups"] == 1 and p["stride"] == 1 and p["padding"] == 0:
+        return bld.synapse(x, w[:, :, 0], bias, op.shape, op.name, "cf", mask)  # per-token linear
+    M, shape = _conv_matrix(w[:, :, None, :], (x.shape[0], 1, x.shape[1]), (1, p["stride"]), (0, p["padding"]),
+                            (1, p["dilation"]), p["groups"])
+    if (shape[0], shape[2]) != tuple(op.shape):
+        raise NirFormatError(f"Conv1d {op.name!r}: computed output {(shape[0], shape[2])} but the graph says "
+                             f"{op.shape}")
+    return bld.synapse(x, M, None if bias is None else np.broadcast_to(bias, op.shape), op.shape, op.name, "sparse",
+                       mask)
+
+
 def _low_sumpool2d(bld, g, op, x, mask):
     p = op.params
     C = x.shape[0]
@@ -509,6 +528,7 @@ def _low_lif(bld, g, op, x, mask):
 LOWER = {  # IR op kind -> lowering (the table of runtimes.nir_graph's op set)
     "output": _low_output,
     "affine": _low_affine,
+    "conv1d": _low_conv1d,
     "conv2d": _low_conv2d,
     "sumpool2d": _low_sumpool2d,
     "flatten": _low_flatten,
@@ -517,7 +537,7 @@ LOWER = {  # IR op kind -> lowering (the table of runtimes.nir_graph's op set)
 
 
 def _heads_args(prefix: str, heads: int, shape, perm) -> dict:
-    """Split a token row (D, 1, n) or token map (D, g, g) (tokens = flattened h, w) into (H, dh, n) [+ perm]."""
+    """Split a token row (D, n) / (D, 1, n) or map (D, g, g) (tokens = flattened h, w) into (H, dh, n) [+ perm]."""
     D = shape[0]
     n = int(np.prod(shape[1:]))
     return {f"{prefix}_reshape": (heads, D // heads, n), f"{prefix}_perm": perm}
@@ -529,9 +549,9 @@ def _low_host(bld, g, h, nodes) -> _Node:
     ins = [nodes[p] for p in h.inputs]
     heads = int(h.attrs.get("heads", 1))
     shape = ins[0].shape
-    if len(shape) != 3 or any(i.shape != shape for i in ins):
-        raise NirFormatError(f"host operation {h.name!r}: ports must be token rows (D, 1, n) or maps (D, g, g) of "
-                             f"one shape, got {[i.shape for i in ins]}")
+    if len(shape) not in (2, 3) or any(i.shape != shape for i in ins):
+        raise NirFormatError(f"host operation {h.name!r}: ports must be token rows (D, n) / (D, 1, n) or maps "
+                             f"(D, g, g) of one shape, got {[i.shape for i in ins]}")
     D, n = shape[0], int(np.prod(shape[1:]))
     dh = D // heads
     NT = (0, 1, 3, 2)  # (B, H, dh, n) <-> (B, H, n, dh)
@@ -548,7 +568,7 @@ def _low_host(bld, g, h, nodes) -> _Node:
         k = bld.neuron(kpre, h.name + ".k", "relu", mask)
         v = bld.neuron(vpre, h.name + ".v", "ternary", mask, tau_steps=float(h.attrs.get("tau_steps", 2.0)), r=1.0,
                        v_leak=vr, v_th=float(h.attrs.get("v_th", 1.0)), v_reset=vr)
-        lay = "tokens" if shape[1] == 1 else "grid_tokens"
+        lay = "tokens" if (len(shape) == 2 or shape[1] == 1) else "grid_tokens"
         for role, node in (("k", k), ("v", v)):
             if role in h.records:
                 bld.record(h.records[role], node, (lay, h.tokens))
@@ -681,8 +701,7 @@ class LavaRuntime(Runtime):
     def _kept(self, B: int) -> dict[int, np.ndarray]:
         g, kept = self.graph, {}
         for site, sid in g.sites.items():
-            seg = g.segments[sid]
-            pos = np.stack([seg.positions[seg.schedule[t]] for t in range(g.T)])  # (T, k)
+            pos = np.stack([g.kept_positions(sid, t) for t in range(g.T)])  # (T, k), ascending
             kept[int(site)] = np.broadcast_to(pos[:, None, :], (g.T, B, pos.shape[1])).astype(np.int64).copy()
         return kept
 

@@ -12,12 +12,14 @@ kind         per-sample semantics (no batch axis in ``shape``; the executor adds
 ===========  =====================================================================================================
 input        a graph input port. ``name == graph.input`` is the image (C, H, W); any other input is fed by a
              host op (``role == "host_result"``) or, in a ``--split`` segment file, by the previous segment
-output       a graph output port: the sum of its inputs (``graph.logits`` is the (C, 1, 1) logit port; others feed
+output       a graph output port: the sum of its inputs (``graph.logits`` is the (C, 1, 1) or (C, 1) logit port; others feed
              host ops or, in a segment file, the next segment)
 affine       y = W @ x + b over the LAST axis. ``W`` (..., out, in): leading axes are per-position batch axes
              (NIR's own rule: input_type = W.shape[:-2] + (in,)); b broadcasts to the output shape
+conv1d       torch.nn.functional.conv1d semantics, params weight (Co, Ci/groups, k), bias (Co,), stride, padding,
+             dilation (ints), groups, in_len. Input (Ci, L) -> (Co, L') (the exporter's token rows)
 conv2d       torch.nn.functional.conv2d semantics (cross-correlation), params weight (Co, Ci/groups, kh, kw), bias
-             (Co,), stride, padding, dilation (2-tuples), groups. Input (Ci, H, W) -> (Co, H', W')
+             (Co,), stride, padding, dilation (2-tuples), groups, in_hw. Input (Ci, H, W) -> (Co, H', W')
 sumpool2d    sum over kernel windows, zero padding: params kernel, stride, padding (2-tuples)
 flatten      reshape: dims start_dim..end_dim (per-sample indexing) merged
 lif          NIR LIF, forward Euler with step dt:  H = V + (r*X - (V - v_leak)) / (tau/dt);
@@ -41,23 +43,25 @@ ternary neuron). Each reads output ports ``HostOp.inputs`` and writes the input 
                        (state per token; fires +1 at H >= v_th, -1 at H <= -v_th, hard reset, tau_steps from
                        ``attrs``); Y_h = Q_h (K_h^T V_h); records K and V under ``HostOp.records``.
 
-Token layout and masks: the transformer part of the graph carries tokens on the last axis, (D, 1, n). An op with
-``op.tokens = sid`` belongs to token segment ``Graph.segments[sid]`` (a ``TokenSegment``: the positions of its n
-tokens in the full sequence, anchor at 0, and the static schedule (T, n) of which of them are kept at each
-timestep). Tokens never kept at any timestep are absent from the graph (structural removal). At timestep t the
+Token layout and masks: the transformer part of the graph carries tokens on the last axis, rows (D, n) (files of
+earlier versions: (D, 1, n)), in the order ``Graph.row_positions`` (the description's ``token_order``: positions in
+the full sequence, anchor at 0) before the first pruning site. An op with ``op.tokens = sid`` belongs to token
+segment ``Graph.segments[sid]`` (a ``TokenSegment``: the positions of its n tokens in the full sequence, in graph
+order, and the static schedule (T, n) of which of them are kept at each timestep). Tokens never kept at any timestep are absent from the graph (structural removal). At timestep t the
 executor multiplies such an op's output by ``schedule[t]`` along the last axis, and a LIF / ternary neuron of a
 masked token receives zero input, so its membrane decays (V <- v_reset + (V - v_reset)(1 - 1/tau_steps)) and it
 cannot spike: exactly the token-state contract of ``stata_deploy.neurons``.
 
 Recording: ops (and host ops) carrying ``layer`` (the torch module name, e.g. ``blocks.0.attn.q_lif``) are
 recorded into ``RunResult.spikes`` in the torch slot layout: ``layout == "grid"``: (T, B, C, H, W);
-``"tokens"``: (T, B, k, D) with the kept tokens at each timestep in ascending position order;
+``"tokens"``: (T, B, k, D) with the kept tokens at each timestep in ascending position order (re-ordered from the
+graph's token order);
 ``"grid_tokens"``: a (D, g, g) token map -> (T, B, g*g, D); ``"single"``: (T, B, 1, D).
 
 Token layouts: a model without anchor and masks keeps its tokens on the stem's (D, g, g) map (token p = i*g + j,
 per-token Linear = 1x1 Conv2d, token sum / broadcast / head = Conv2d with (g, g) kernels): only Conv2d and LIF
-nodes, importable by snntorch. Otherwise tokens are a row (D, 1, n) (anchor, selections: Affine over the last
-axis).
+nodes. Otherwise tokens are a row (D, n) of Conv1d nodes (re-ordering, anchor, crops at pruning sites: one-hot
+kernels); both import in snntorch 1.0.0 (benchmarks/nir_peer_parity.py).
 
 Public API: ``read_graph(path) -> Graph``; ``execute(graph, x) -> RunResult`` (x: (B, C, H, W) or
 (T, B, C, H, W)); ``simulate(graph, feeds) -> (outputs, records)`` for segment files with several input ports.
@@ -75,7 +79,7 @@ from stata_deploy.errors import StataError, UnsupportedOpError
 from stata_deploy.results import RunResult
 
 from stata_deploy.description import META_KEY  # noqa: E402 - graph metadata key holding our JSON description
-OP_KINDS = ("input", "output", "affine", "conv2d", "sumpool2d", "flatten", "lif")
+OP_KINDS = ("input", "output", "affine", "conv1d", "conv2d", "sumpool2d", "flatten", "lif")
 HOST_KINDS = ("ssa_product", "a2os2a_product")
 
 
@@ -126,6 +130,12 @@ class Graph:
     logits: str | None  # the logits output port
     meta: dict  # the exporter's JSON description (config, masks, host ops, ...)
     sites: dict = field(default_factory=dict)  # site -> segment id (for RunResult.kept)
+    row_positions: np.ndarray | None = None  # positions of the token row before any site, graph order
+
+    def kept_positions(self, sid: str, t: int) -> np.ndarray:
+        """Positions kept by token segment ``sid`` at timestep t, ascending (torch's slot order)."""
+        seg = self.segments[sid]
+        return np.sort(seg.positions[seg.schedule[t]])
 
     @property
     def config(self) -> dict:
@@ -177,7 +187,15 @@ def _lower_node(name: str, node, dt: float) -> Op:
             raise UnsupportedOpError(f"Conv2d {name!r}: string padding {node.padding!r} is not supported by this reader")
         return Op(name, "conv2d", [], _shape(node.output_type), dict(
             weight=f64(node.weight), bias=f64(node.bias), stride=_tup(node.stride), padding=_tup(node.padding),
-            dilation=_tup(node.dilation), groups=int(node.groups)), **common)
+            dilation=_tup(node.dilation), groups=int(node.groups),
+            in_hw=None if node.input_shape is None else _tup(node.input_shape)), **common)
+    if isinstance(node, nir.Conv1d):
+        if isinstance(node.padding, str):
+            raise UnsupportedOpError(f"Conv1d {name!r}: string padding {node.padding!r} is not supported by this reader")
+        one = lambda v: int(np.atleast_1d(np.asarray(v)).astype(int)[0])  # noqa: E731
+        return Op(name, "conv1d", [], _shape(node.output_type), dict(
+            weight=f64(node.weight), bias=f64(node.bias), stride=one(node.stride), padding=one(node.padding),
+            dilation=one(node.dilation), groups=int(node.groups), in_len=one(node.input_shape)), **common)
     if isinstance(node, nir.SumPool2d):
         return Op(name, "sumpool2d", [], _shape(node.output_type), dict(
             kernel=_tup(node.kernel_size), stride=_tup(node.stride), padding=_tup(node.padding)), **common)
@@ -192,7 +210,7 @@ def _lower_node(name: str, node, dt: float) -> Op:
             tau=tau, tau_steps=q, r=f64(node.r), v_leak=f64(node.v_leak), v_reset=f64(node.v_reset),
             v_threshold=f64(node.v_threshold), v_threshold32=f64(node.v_threshold).astype(np.float32)), **common)
     raise UnsupportedOpError(f"NIR node {name!r} of type {type(node).__name__} is not executable by this reader "
-                             f"(supported: Input, Output, Affine, Linear, Conv2d, SumPool2d, Flatten, LIF)")
+                             f"(supported: Input, Output, Affine, Linear, Conv1d, Conv2d, SumPool2d, Flatten, LIF)")
 
 
 def read_description(graph) -> dict:
@@ -283,13 +301,15 @@ def from_nir(g, dt: float | None = None) -> Graph:
     import nir
 
     desc = read_description(g)
-    supported = (nir.Input, nir.Output, nir.Affine, nir.Linear, nir.Conv2d, nir.SumPool2d, nir.Flatten, nir.LIF)
+    supported = (nir.Input, nir.Output, nir.Affine, nir.Linear, nir.Conv1d, nir.Conv2d, nir.SumPool2d, nir.Flatten,
+                 nir.LIF)
     for name, node in g.nodes.items():  # name an unsupported node before anything else goes wrong
         if isinstance(node, nir.NIRGraph):
             raise UnsupportedOpError(f"nested NIR subgraph {name!r} is not supported by this reader")
         if not isinstance(node, supported):
             raise UnsupportedOpError(f"NIR node {name!r} of type {type(node).__name__} is not executable by this "
-                                     "reader (supported: Input, Output, Affine, Linear, Conv2d, SumPool2d, Flatten, LIF)")
+                                     "reader (supported: Input, Output, Affine, Linear, Conv1d, Conv2d, SumPool2d, "
+                                     "Flatten, LIF)")
     if dt is None and "dt" not in desc:
         raise NirFormatError("this NIR file is not one exported by stata-deploy (no 'stata_deploy' description in its "
                              "metadata), so its Euler step dt is unknown; export it with `stata-deploy export --to nir`"
@@ -338,7 +358,14 @@ def from_nir(g, dt: float | None = None) -> Graph:
                                  "not define")
     order = _toposort(ops, host_ops)
     ops = {n: ops[n] for n in order}
-    graph = Graph(ops, host_ops, segments, T, dt, desc.get("input"), desc.get("logits"), desc, sites)
+    try:
+        order = desc.get("token_order")
+        order = None if order is None else np.asarray(order, dtype=np.int64)
+        if order is not None and (order.ndim != 1 or len(np.unique(order)) != len(order)):
+            raise ValueError("token_order must list distinct positions")
+    except (TypeError, ValueError) as e:
+        raise NirFormatError(f"the file's description of its token order is damaged ({e})") from None
+    graph = Graph(ops, host_ops, segments, T, dt, desc.get("input"), desc.get("logits"), desc, sites, order)
     if graph.input is None:
         ins = [o.name for o in ops.values() if o.kind == "input" and o.role is None]
         graph.input = ins[0] if len(ins) == 1 else None
@@ -384,26 +411,72 @@ def _toposort(ops: dict[str, Op], host_ops: list[HostOp]) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------- numerics
 def conv2d(x: np.ndarray, w: np.ndarray, b, stride, padding, dilation, groups) -> np.ndarray:
-    """x (B, Ci, H, W) -> (B, Co, H', W'), cross-correlation like torch.nn.functional.conv2d."""
-    from numpy.lib.stride_tricks import sliding_window_view
+    """x (B, Ci, H, W) -> (B, Co, H', W'), cross-correlation like torch.nn.functional.conv2d (zero padding).
 
+    One (Co, Ci/groups) matrix product per kernel tap that has a nonzero weight, over the output positions whose
+    input lies inside the image (no padded copy): the one-hot re-indexing kernels of the exporter (large kernels
+    and paddings, a few nonzero taps) cost what they touch."""
     B, Ci, H, W = x.shape
     Co, cig, kh, kw = w.shape
     (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation
-    xp = np.pad(np.asarray(x, dtype=np.float64), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
-    win = sliding_window_view(xp, (eh, ew), axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]  # (B, Ci, Ho, Wo, kh, kw)
-    if groups == 1:
-        out = np.tensordot(win, w, axes=([1, 4, 5], [1, 2, 3])).transpose(0, 3, 1, 2)  # (B, Co, Ho, Wo)
-    else:
-        cog = Co // groups
-        out = np.concatenate([
-            np.tensordot(win[:, gi * cig:(gi + 1) * cig], w[gi * cog:(gi + 1) * cog], axes=([1, 4, 5], [1, 2, 3]))
-            for gi in range(groups)], axis=-1).transpose(0, 3, 1, 2)
-    out = np.ascontiguousarray(out)
+    Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    x = np.asarray(x, dtype=np.float64)
+    out = np.zeros((B, Co, Ho, Wo))
+    cog = Co // groups
+
+    span = _span
+    taps = np.argwhere(np.any(w != 0, axis=(0, 1)))
+    for i, j in taps:
+        y0, y1 = span(H, Ho, sh, ph, dh, i)
+        x0, x1 = span(W, Wo, sw, pw, dw, j)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        iy, ix = y0 * sh - ph + i * dh, x0 * sw - pw + j * dw
+        xs = x[:, :, iy:iy + sh * (y1 - y0 - 1) + 1:sh, ix:ix + sw * (x1 - x0 - 1) + 1:sw]  # (B, Ci, ny, nx)
+        wt = w[:, :, i, j]
+        if groups == 1:
+            out[:, :, y0:y1, x0:x1] += np.tensordot(wt, xs, axes=([1], [1])).transpose(1, 0, 2, 3)
+        else:
+            for gi in range(groups):
+                out[:, gi * cog:(gi + 1) * cog, y0:y1, x0:x1] += np.tensordot(
+                    wt[gi * cog:(gi + 1) * cog], xs[:, gi * cig:(gi + 1) * cig], axes=([1], [1])).transpose(1, 0, 2, 3)
     if b is not None:
         out += np.asarray(b).reshape(1, Co, 1, 1)
     return out
+
+
+def _span(n_in, n_out, s, p, d, k):
+    """Output range [o0, o1) of a conv axis whose input o*s - p + k*d (kernel tap k) lies in [0, n_in)."""
+    o0 = max(0, -(-(p - k * d) // s))
+    o1 = min(n_out, (n_in - 1 + p - k * d) // s + 1)
+    return o0, max(o0, o1)
+
+
+def conv_synapses(w: np.ndarray, in_hw, stride, padding, dilation) -> int:
+    """Synapses of a conv: nonzero weights x the output positions where they read an input (not padding)."""
+    w = np.asarray(w)
+    if w.ndim == 3:  # Conv1d: a height-1 Conv2d
+        w, in_hw = w[:, :, None, :], (1, int(np.atleast_1d(in_hw)[0]))
+        stride, padding, dilation = ((1, int(v)) for v in (stride, padding, dilation))
+    H, W = (int(v) for v in in_hw)
+    kh, kw = w.shape[2:]
+    (sh, sw), (ph, pw), (dh, dw) = (_tup(v) for v in (stride, padding, dilation))
+    Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    nnz = np.count_nonzero(w, axis=(0, 1))  # (kh, kw)
+    total = 0
+    for i, j in np.argwhere(nnz):
+        y0, y1 = _span(H, Ho, sh, ph, dh, i)
+        x0, x1 = _span(W, Wo, sw, pw, dw, j)
+        total += int(nnz[i, j]) * (y1 - y0) * (x1 - x0)
+    return total
+
+
+def conv1d(x: np.ndarray, w: np.ndarray, b, stride: int, padding: int, dilation: int, groups: int) -> np.ndarray:
+    """x (B, Ci, L) -> (B, Co, L'), torch.nn.functional.conv1d semantics (a conv2d over a height-1 image)."""
+    y = conv2d(x[:, :, None, :], w[:, :, None, :], b, (1, stride), (0, padding), (1, dilation), groups)
+    return y[:, :, 0, :]
 
 
 def sumpool2d(x: np.ndarray, kernel, stride, padding) -> np.ndarray:
@@ -540,6 +613,8 @@ def _apply(op: Op, x: np.ndarray, st: _State, mask) -> np.ndarray:
         return y + p["bias"]
     if k == "conv2d":
         return conv2d(x, p["weight"], p["bias"], p["stride"], p["padding"], p["dilation"], p["groups"])
+    if k == "conv1d":
+        return conv1d(x, p["weight"], p["bias"], p["stride"], p["padding"], p["dilation"], p["groups"])
     if k == "sumpool2d":
         return sumpool2d(x, p["kernel"], p["stride"], p["padding"])
     if k == "flatten":
@@ -558,19 +633,29 @@ def _apply(op: Op, x: np.ndarray, st: _State, mask) -> np.ndarray:
     raise UnsupportedOpError(f"op {op.name!r} of kind {k!r} cannot be executed")
 
 
+def _ascending(pos: np.ndarray) -> np.ndarray:
+    return np.argsort(pos, kind="stable")
+
+
 def _to_torch_layout(graph: Graph, layout: str | None, tokens: str | None, arr: np.ndarray) -> np.ndarray:
-    """arr (T, B, *shape) -> the torch slot layout of RunResult.spikes."""
-    if layout == "single":  # (T, B, D, 1, 1) -> (T, B, 1, D)
+    """arr (T, B, *shape) -> the torch slot layout of RunResult.spikes (tokens in ascending position order)."""
+    if layout == "single":  # (T, B, D, 1[, 1]) -> (T, B, 1, D)
         T, B = arr.shape[:2]
         return arr.reshape(T, B, -1)[:, :, None, :]
     if layout == "grid_tokens":  # (T, B, D, g, g) -> (T, B, N, D)
         T, B, D = arr.shape[:3]
         return arr.reshape(T, B, D, -1).transpose(0, 1, 3, 2)
-    if layout == "tokens":  # (T, B, D, 1, n) -> (T, B, k, D) kept tokens at each t
-        a = arr[:, :, :, 0, :].transpose(0, 1, 3, 2)  # (T, B, n, D)
+    if layout == "tokens":  # (T, B, D, n) [or (T, B, D, 1, n)] -> (T, B, k, D): kept tokens at each t, ascending
+        a = (arr[:, :, :, 0, :] if arr.ndim == 5 else arr).transpose(0, 1, 3, 2)  # (T, B, n, D), graph order
         if tokens and tokens in graph.segments:
-            sched = graph.segments[tokens].schedule
-            return np.stack([a[t][:, sched[t]] for t in range(a.shape[0])])
+            seg = graph.segments[tokens]
+            out = []
+            for t in range(a.shape[0]):
+                idx = np.flatnonzero(seg.schedule[t])
+                out.append(a[t][:, idx[_ascending(seg.positions[idx])]])
+            return np.stack(out)
+        if graph.row_positions is not None and len(graph.row_positions) == a.shape[2]:
+            return a[:, :, _ascending(graph.row_positions)]
         return a
     return arr
 
@@ -609,13 +694,12 @@ def execute(graph: Graph, x: np.ndarray, record: bool = True, strict_ties: bool 
             for role, layer in h.records.items():
                 if layer in recs:
                     arr = np.stack(recs[layer])
-                    lay = "tokens" if arr.shape[3] == 1 else "grid_tokens"
+                    lay = "grid_tokens" if (arr.ndim == 5 and arr.shape[3] != 1) else "tokens"
                     spikes[layer] = _to_torch_layout(graph, lay, h.tokens, arr)
     kept = {}
     B = xs.shape[1]
     for site, sid in graph.sites.items():
-        seg = graph.segments[sid]
-        pos = np.stack([seg.positions[seg.schedule[t]] for t in range(graph.T)])  # (T, k)
+        pos = np.stack([graph.kept_positions(sid, t) for t in range(graph.T)])  # (T, k)
         kept[int(site)] = np.broadcast_to(pos[:, None, :], (graph.T, B, pos.shape[1])).copy()
     return RunResult(logits_t.astype(np.float32), spikes, np.asarray(xs, dtype=np.float32), seconds, kept)
 
@@ -683,8 +767,12 @@ def inspect_graph(graph: Graph) -> dict:
                 neurons += int(np.prod(op.shape))
         elif op.kind == "affine":
             n_syn = int(np.count_nonzero(op.params["weight"]))
-        elif op.kind == "conv2d":
-            n_syn = int(np.count_nonzero(op.params["weight"])) * int(np.prod(op.shape[1:]))
+        elif op.kind in ("conv1d", "conv2d"):
+            p = op.params
+            in_hw = p.get("in_len") if op.kind == "conv1d" else p.get("in_hw")
+            if in_hw is None:  # no input_shape in the file: the predecessor's output
+                in_hw = graph.ops[op.inputs[0]].shape[1:] if op.inputs else op.shape[1:]
+            n_syn = conv_synapses(p["weight"], in_hw, p["stride"], p["padding"], p["dilation"])
         if n_syn:
             synapses += n_syn
             syn_role[op.role or "weights"] = syn_role.get(op.role or "weights", 0) + n_syn
