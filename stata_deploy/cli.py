@@ -178,6 +178,7 @@ COMMAND_MODULES = [
     "stata_deploy.commands.run_cmds",
     "stata_deploy.commands.energy_cmds",
     "stata_deploy.commands.inspect_cmds",
+    "stata_deploy.commands.kept_cmds",
 ]
 for _m in COMMAND_MODULES:
     try:

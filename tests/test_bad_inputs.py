@@ -672,6 +672,15 @@ if "energy" in CASES:
                              ("{out}",)),
     })
 
+CASES["kept"] = {
+    "unpruned run": Case(["kept", "{base}", "--plot", "{out}/k.png"], "nothing to draw", ("{out}",)),
+    "missing run": Case(["kept", "{missing}", "--plot", "{out}/k.png"], "not found", ("{out}",)),
+    "--plot not an image": Case(["kept", "{stata}", "--plot", "{out}/k.txt"], "must end in .png", ("{out}",)),
+    "no run": Case(["kept", "--plot", "{out}/k.png"], "Missing argument", ("{out}",)),
+    "site not pruned": Case(["kept", "{stata}", "--site", "0", "--plot", "{out}/k.png"], "not a pruning site",
+                            ("{out}",)),
+}
+
 PARAMS = [pytest.param(cmd, name, case, id=f"{cmd}: {name}") for cmd, cases in CASES.items()
           for name, case in cases.items()]
 

@@ -285,3 +285,29 @@ def test_usage_errors_are_one_error_line_exit_2():
         assert rc == 2, (argv, rc, err)
         errs = error_lines(err)
         assert len(errs) == 1 and words in errs[0] and "Usage:" not in err, (argv, err)
+
+
+def test_kept_plot_draws_every_timestep(run_copy, tmp_path):
+    """`stata-deploy kept`: a PNG, and per-timestep kept sets that match the model's own kept positions."""
+    import torch
+    from PIL import Image
+
+    from stata_deploy.checkpoint import load_model
+    from stata_deploy.commands.kept_cmds import kept_positions
+    from stata_deploy.data import load_dataset
+
+    out = tmp_path / "kept.png"
+    r = CliRunner().invoke(main, ["kept", str(run_copy), "--images", "2", "--plot", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    res = strict_loads(r.stdout.strip().splitlines()[-1])
+    assert res["rows"] == [f"{run_copy.name} stata (dynamic)", f"{run_copy.name} stata (static)"]
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size[0] > 200
+    model, _ = load_model(run_copy)
+    x = load_dataset("digits").x_test[:2]
+    kept = kept_positions(model, x)
+    k = res["runs"][f"{run_copy.name}:dynamic"]
+    assert k["kept_per_timestep"] == kept[k["site"]].shape[-1]
+    same = all(set(kept[k["site"]][t, 0]) == set(kept[k["site"]][0, 0]) for t in range(model.cfg.T))
+    assert k["same_tokens_every_timestep"] == same
+    assert torch.as_tensor(kept[k["site"]]).min() >= 0  # anchor excluded: image-token indices
