@@ -1,240 +1,385 @@
-"""Scorer ablation on Fashion-MNIST (the paper's Table 1/5 in miniature) + TP training-free pruning.
+"""Does STATA beat its baselines here? The scorer ablation of the paper's Table 1/5, resumable across sessions.
 
-Trains the ``spikformer-small`` preset with every token scorer at the same keep ratio over several seeds, each run
-through ``stata_deploy.train.train`` (the API the CLI wraps; one child process per run, ``--threads`` each, ``--workers`` in
-parallel), then applies TP-Spikformer training-free pruning (``stata-deploy prune RUN --method tp --keep K``) to the
-trained unpruned checkpoints. Completed runs (``metrics.json`` present with the same recipe) are reused, so the
-script can be re-run to extend seeds or rebuild the table (``--table-only``).
+The study: Fashion-MNIST, ``spikformer-small`` (28x28 -> 49 image tokens, dim 32, depth 2, heads 4; the pruning site is
+block 1, so block 1 computes on ceil(gamma * 49) of the 49 image tokens + the anchor, block 0 on all of them), every
+scorer at every keep ratio gamma, the same seeds and the same data order for every scorer (the seed fixes the weights'
+initialisation and the batch order), and TP-Spikformer training-free pruning of each trained unpruned checkpoint at
+the same gammas:
 
-    python benchmarks/ablation.py --seeds 0,1 --epochs 1 --train-limit 6000 --workers 3
-    python benchmarks/ablation.py --table-only
+    variant             training                                         the paper's row
+    none                unpruned                                         (unpruned, 79.98)
+    random              --prune random --keep G                          random 78.31
+    l1                  --prune l1                                       l1-norm 78.51
+    ssa                 --prune ssa                                      SSA-average 78.47
+    anchor              --prune anchor (AT: the anchor row, the same tokens at every timestep)   AT 78.98
+    stata               --prune stata (TAT: the anchor row per timestep)  TAT 79.23
+    stata+intra         --prune stata --align intra                      +intra 79.58
+    stata+intra+inter   --prune stata --align intra,inter                +inter 79.86
+    tp                  `stata-deploy prune none_s{seed} --method tp --keep G` (no training)
 
-Writes ``OUT/results.json`` and prints the table; the last line is ``key=value`` pairs.
+Resumable: every finished run appends one record to the results file (default ``benchmarks/results/ablation.json``,
+committed, so a study can span sessions); a rerun skips every (variant, gamma, seed) whose record has the same recipe.
+Runs are trained in child processes (``--workers`` side by side, ``--threads`` each) into ``--out`` (gitignored).
+The results file is JSON: ``{"format": "stata-deploy-ablation/1", "runs": [record, ...]}``, each record::
+
+    {"variant": "stata+intra", "gamma": 0.5, "seed": 1, "recipe": {dataset, model, epochs, train_limit, batch_size,
+     lr, warmup_epochs, prune, keep, align}, "recipe_id": sha256 of the recipe, "test_accuracy": 0.8712,
+     "train_seconds": 812.3, "wall_seconds": 840.1, "commit": "<git HEAD>", "finished": "2026-12-01T22:10:00Z",
+     "threads": 1}
+
+Output: a table like the paper's (accuracy mean +- std over seeds per variant and gamma, and the paired difference
+to random and to AT with a 95 % t-interval over seeds), a plot of accuracy vs gamma per scorer (``--plot``, PNG, not
+committed), and the last line ``key=value``.
+
+    python benchmarks/ablation.py --workers 2                    # the study (resumes; Ctrl-C safe)
+    python benchmarks/ablation.py --table-only --plot ablation.png
+    python benchmarks/ablation.py --dataset digits --model spikformer-tiny --epochs 1 --train-limit 128 \\
+        --seeds 0,1 --gammas 0.5 --results /tmp/a.json --out /tmp/abl            # a smoke run in a minute
 """
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
+import hashlib
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "stata_deploy"]
-METHODS = ("none", "stata", "anchor", "random", "l1", "ssa")
+sys.path.insert(0, str(ROOT))
+FORMAT = "stata-deploy-ablation/1"
+VARIANTS = {  # variant -> (prune method, alignment losses)
+    "none": ("none", []),
+    "random": ("random", []),
+    "l1": ("l1", []),
+    "ssa": ("ssa", []),
+    "anchor": ("anchor", []),
+    "stata": ("stata", []),
+    "stata+intra": ("stata", ["intra"]),
+    "stata+intra+inter": ("stata", ["intra", "inter"]),
+    "tp": ("tp", []),  # training-free, from the unpruned run of the same seed
+}
+TRAINED = [v for v in VARIANTS if v != "tp"]
 
 
-def run_dir(out: Path, method: str, seed: int) -> Path:
-    return out / f"{method}_s{seed}"
+# ------------------------------------------------------------------------------------------------ results file
+class Results:
+    """The append-only results file (read, add a record, write atomically; one lock for the worker threads)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lock = threading.Lock()
+
+    def load(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        d = json.loads(self.path.read_text())
+        if d.get("format") != FORMAT:
+            sys.exit(f"error: {self.path} is not a {FORMAT} results file")
+        return d["runs"]
+
+    def add(self, rec: dict) -> None:
+        from stata_deploy.fileio import atomic_write_json
+
+        with self.lock:
+            runs = [r for r in self.load() if key(r) != key(rec)]
+            atomic_write_json(self.path, {"format": FORMAT, "runs": runs + [rec]})
 
 
-def train_cmd(a, method: str, seed: int) -> list[str]:
-    """One run = this script in --child mode (a thin wrapper over stata_deploy.train.train, which the CLI also wraps;
-    the child mode exists only to set warmup_epochs, which the CLI does not expose)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", method, str(seed), "--dataset", a.dataset,
-           "--model", a.model, "--epochs", str(a.epochs), "--warmup-epochs", str(a.warmup_epochs), "--batch-size",
-           str(a.batch_size), "--lr", str(a.lr), "--threads", str(a.threads), "--keep", str(a.keep), "--stata-align",
-           a.stata_align, "--out", str(a.out)]
-    if a.train_limit:
-        cmd += ["--train-limit", str(a.train_limit)]
-    return cmd
+def key(r: dict) -> tuple:
+    return r["variant"], r["gamma"], r["seed"], r["recipe_id"]
 
 
-def child(a, method: str, seed: int) -> None:
+def recipe(a, variant: str, gamma: float | None) -> dict:
+    method, align = VARIANTS[variant]
+    return {"dataset": a.dataset, "model": a.model, "epochs": a.epochs, "train_limit": a.train_limit,
+            "batch_size": a.batch_size, "lr": a.lr, "warmup_epochs": a.warmup_epochs, "prune": method,
+            "keep": 1.0 if gamma is None else gamma, "align": align,
+            **({"tp_limit": a.tp_limit} if variant == "tp" else {})}
+
+
+def recipe_id(rec: dict) -> str:
+    return hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------------------------ one run
+def run_dir(a, variant: str, gamma: float | None, seed: int) -> Path:
+    g = "" if gamma is None else f"_g{gamma}"
+    return Path(a.out) / f"{variant}{g}_s{seed}"
+
+
+def child(a) -> None:
+    """--child VARIANT GAMMA SEED: train one run (stata_deploy.train.train, the API the CLI wraps)."""
     import torch
 
     from stata_deploy.train import TrainConfig, train
 
+    variant, gamma, seed = a.child[0], float(a.child[1]), int(a.child[2])
+    method, align = VARIANTS[variant]
     torch.set_num_threads(a.threads)
-    align = a.stata_align.split(",") if (method == "stata" and a.stata_align) else []
-    tc = TrainConfig(dataset=a.dataset, model=a.model, out=str(run_dir(Path(a.out), method, seed)), epochs=a.epochs,
-                     batch_size=a.batch_size, lr=a.lr, warmup_epochs=a.warmup_epochs, seed=seed, prune=method,
-                     keep=a.keep if method != "none" else 1.0, align=align, train_limit=a.train_limit or None,
-                     progress=False)
+    out = run_dir(a, variant, None if method == "none" else gamma, seed)
+    tc = TrainConfig(dataset=a.dataset, model=a.model, out=str(out), epochs=a.epochs, batch_size=a.batch_size,
+                     lr=a.lr, warmup_epochs=a.warmup_epochs, seed=seed, prune=method,
+                     keep=1.0 if method == "none" else gamma, align=align, train_limit=a.train_limit or None,
+                     progress=False, force=True)  # the study's own folder: an unfinished run is redone
     m = train(tc, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(json.dumps(m))
 
 
-def recipe(a, method: str, seed: int) -> dict:
-    return {"dataset": a.dataset, "model": a.model, "epochs": a.epochs, "warmup_epochs": a.warmup_epochs,
-            "batch_size": a.batch_size, "lr": a.lr,
-            "seed": seed, "train_limit": a.train_limit, "prune": method,
-            "keep": a.keep if method != "none" else 1.0,
-            "align": (a.stata_align.split(",") if (method == "stata" and a.stata_align) else [])}
+def _child_cmd(a, variant, gamma, seed) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--child", variant, str(gamma or 1.0), str(seed),
+            "--dataset", a.dataset, "--model", a.model, "--epochs", str(a.epochs), "--warmup-epochs",
+            str(a.warmup_epochs), "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--threads", str(a.threads),
+            "--train-limit", str(a.train_limit or 0), "--out", str(a.out)]
 
 
-def done(d: Path, rec: dict) -> bool:
-    try:
-        r = json.loads((d / "recipe.json").read_text())
-        return r == rec and (d / "metrics.json").is_file()  # metrics.json is written only when training ends
-    except (OSError, ValueError):
-        return False
-
-
-def run_one(a, method: str, seed: int, log) -> None:
-    d = run_dir(Path(a.out), method, seed)
-    rec = recipe(a, method, seed)
-    if done(d, rec):
-        log(f"[skip] {d.name}: already trained")
+def train_one(a, res: Results, variant: str, gamma: float | None, seed: int, log) -> None:
+    rec = recipe(a, variant, gamma)
+    rid = recipe_id(rec)
+    if any(key(r) == (variant, gamma, seed, rid) for r in res.load()):
+        log(f"[skip] {variant} gamma={gamma} seed={seed}: in {res.path}")
         return
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "metrics.json").unlink(missing_ok=True)
-    cmd = train_cmd(a, method, seed)
-    (d / "recipe.json").write_text(json.dumps(rec))
-    (d / "command.txt").write_text(" ".join(cmd) + "\n")
-    log(f"[start] {d.name}: {' '.join(cmd)}")
+    d = run_dir(a, variant, gamma, seed)
+    d.parent.mkdir(parents=True, exist_ok=True)
+    cmd = _child_cmd(a, variant, gamma, seed)
+    log(f"[start] {d.name}")
     t0 = time.time()
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
-    with open(d / "train.log", "w") as lf:
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=lf, text=True, cwd=ROOT, env=env)
+    with open(d.parent / f"{d.name}.log", "w") as lf:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=lf, text=True, cwd=ROOT,
+                           env=dict(os.environ, OMP_NUM_THREADS=str(a.threads)))
     if p.returncode != 0:
-        log(f"[fail] {d.name}: exit {p.returncode}; see {d / 'train.log'}")
+        log(f"[fail] {d.name}: exit {p.returncode}; see {d.parent / (d.name + '.log')}")
         return
     m = json.loads(p.stdout.strip().splitlines()[-1])
-    log(f"[done] {d.name}: acc={m['test_accuracy']:.4f} train_s={m['train_seconds']:.0f} wall_s={time.time() - t0:.0f}")
+    res.add({"variant": variant, "gamma": gamma, "seed": seed, "recipe": rec, "recipe_id": rid,
+             "test_accuracy": m["test_accuracy"], "train_seconds": m["train_seconds"],
+             "wall_seconds": time.time() - t0, "commit": commit(), "threads": a.threads,
+             "finished": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
+    log(f"[done] {d.name}: accuracy {m['test_accuracy']:.4f}, {m['train_seconds']:.0f} s")
 
 
-def tp_one(a, seed: int, keep: float, log) -> dict | None:
-    base = Path(a.tp_from.format(seed=seed)) if a.tp_from else run_dir(Path(a.out), "none", seed)
+def tp_one(a, res: Results, gamma: float, seed: int, log) -> None:
+    rec = recipe(a, "tp", gamma)
+    rid = recipe_id(rec)
+    if any(key(r) == ("tp", gamma, seed, rid) for r in res.load()):
+        return
+    base = run_dir(a, "none", None, seed)
     if not (base / "metrics.json").is_file():
-        return None
-    d = Path(a.out) / f"tp_s{seed}_k{keep}"
-    res_file = d / "tp_result.json"
-    if res_file.is_file():
-        return json.loads(res_file.read_text())
-    cmd = CLI + ["prune", str(base), "--method", "tp", "--keep", str(keep), "--out", str(d), "--json",
-                 "--threads", str(a.threads)]
+        log(f"[wait] tp gamma={gamma} seed={seed}: the unpruned run {base} is not trained (here) yet")
+        return
+    out = run_dir(a, "tp", gamma, seed)
+    cmd = [sys.executable, "-m", "stata_deploy", "prune", str(base), "--method", "tp", "--keep", str(gamma),
+           "--out", str(out), "--force", "--json", "--threads", str(a.threads)]
     if a.tp_limit:
         cmd += ["--limit", str(a.tp_limit)]
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                       env=dict(os.environ, OMP_NUM_THREADS=str(a.threads)))
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS=str(a.threads)))
     if p.returncode != 0:
-        log(f"[fail] tp s{seed} k{keep}: {p.stderr.strip().splitlines()[-1:]}")
+        log(f"[fail] tp gamma={gamma} seed={seed}: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+        return
+    m = json.loads(p.stdout.strip().splitlines()[-1])
+    res.add({"variant": "tp", "gamma": gamma, "seed": seed, "recipe": rec, "recipe_id": rid,
+             "test_accuracy": m["test_accuracy"], "train_seconds": 0.0, "wall_seconds": time.time() - t0,
+             "token_ratio": m["token_ratio"], "commit": commit(), "threads": a.threads,
+             "finished": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
+    log(f"[tp] gamma={gamma} seed={seed}: accuracy {m['test_accuracy']:.4f}")
+
+
+# ------------------------------------------------------------------------------------------------ the table
+def _t975(df: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
+
+
+def paired(a_by_seed: dict, b_by_seed: dict) -> tuple[float, float, int] | None:
+    """(mean difference a - b in points, 95 % half-width over seeds, n) on the seeds both have."""
+    seeds = sorted(set(a_by_seed) & set(b_by_seed))
+    if len(seeds) < 2:
         return None
-    r = json.loads(p.stdout.strip().splitlines()[-1])
-    r.update(seed=seed, command=" ".join(cmd[2:]))
-    res_file.write_text(json.dumps(r))
-    log(f"[tp] s{seed} keep={keep}: acc={r['test_accuracy']:.4f} (unpruned {r['baseline_accuracy']:.4f}) "
-        f"token_ratio={r['token_ratio']:.3f}")
-    return r
+    d = [100 * (a_by_seed[s] - b_by_seed[s]) for s in seeds]
+    return statistics.mean(d), _t975(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d)), len(d)
 
 
-def fmt(vals: list[float], scale: float = 100.0, nd: int = 2) -> str:
-    if not vals:
-        return "-"
-    m = statistics.mean(vals) * scale
-    s = statistics.stdev(vals) * scale if len(vals) > 1 else 0.0
-    return f"{m:.{nd}f} ± {s:.{nd}f}"
+def cells(a, runs: list[dict]) -> dict:
+    """(variant, gamma) -> {seed: accuracy} for the records of this recipe."""
+    out: dict = {}
+    for r in runs:
+        g = None if r["variant"] == "none" else r["gamma"]
+        if r["recipe_id"] != recipe_id(recipe(a, r["variant"], g)):
+            continue  # another recipe (other epochs, data, ...): not mixed into this table
+        out.setdefault((r["variant"], g), {})[r["seed"]] = r["test_accuracy"]
+    return out
 
 
-def collect(a) -> dict:
-    out = Path(a.out)
-    rows = {}
-    for method in METHODS:
-        accs, secs, seeds = [], [], []
-        for seed in a.seed_list:
-            d = run_dir(out, method, seed)
-            if done(d, recipe(a, method, seed)):
-                m = json.loads((d / "metrics.json").read_text())
-                accs.append(m["test_accuracy"])
-                secs.append(m["train_seconds"])
-                seeds.append(seed)
-        rows[method] = {"accuracy": accs, "train_seconds": secs, "seeds": seeds,
-                        "command": " ".join(train_cmd(a, method, 0)[1:])}
-    tp = []
-    for seed in a.tp_seed_list:
-        for k in a.tp_keep_list:
-            f = out / f"tp_s{seed}_k{k}" / "tp_result.json"
-            if f.is_file():
-                tp.append(json.loads(f.read_text()))
-    return {"recipe": {k: v for k, v in vars(a).items() if k not in ("seed_list", "tp_keep_list", "tp_seed_list")}, "methods": rows,
-            "tp": tp}
+def table(a, runs: list[dict]) -> tuple[str, dict]:
+    c = cells(a, runs)
+    base = c.get(("none", None), {})
+    lines = [f"{a.dataset}, {a.model}, {a.epochs} epochs, train images {a.train_limit or 'all'}; accuracy % "
+             "(mean ± std over seeds), paired difference in points with a 95 % t-interval over seeds",
+             f"{'variant':<19}{'gamma':>6}{'n':>3}  {'accuracy %':>14}  {'vs random':>15}  {'vs AT (anchor)':>15}"]
+    kv: dict = {}
+    if base:
+        v = [100 * x for x in base.values()]
+        lines.append(f"{'none (unpruned)':<19}{'-':>6}{len(v):>3}  {_ms(v):>14}")
+        kv["acc_none"] = round(statistics.mean(v), 2)
+    for g in a.gamma_list:
+        for var in [v for v in VARIANTS if v != "none"]:
+            s = c.get((var, g))
+            if not s:
+                continue
+            v = [100 * x for x in s.values()]
+            vs = [_pd(paired(s, c.get((ref, g), {}))) if var != ref else "" for ref in ("random", "anchor")]
+            lines.append(f"{var:<19}{g:>6}{len(v):>3}  {_ms(v):>14}  {vs[0]:>15}  {vs[1]:>15}")
+            kv[f"acc_{var}_g{g}"] = round(statistics.mean(v), 2)
+    return "\n".join(lines), kv
 
 
-def print_table(res: dict, a) -> str:
-    rows = res["methods"]
-    base = rows["none"]["accuracy"]
-    base_m = statistics.mean(base) if base else None
-    print(f"\nFashion-MNIST, {a.model}, keep (gamma) {a.keep}, {a.epochs} epochs, "
-          f"train images {a.train_limit or 'all'}, test images 10000; accuracy % mean ± std over seeds")
-    print(f"{'method':<22}{'seeds':>6}  {'accuracy %':>16}  {'Δ vs none':>10}  {'train s':>9}")
-    kv = []
-    for method in METHODS:
-        r = rows[method]
-        label = method + (f" (+{a.stata_align})" if method == "stata" and a.stata_align else "")
-        acc = r["accuracy"]
-        delta = f"{(statistics.mean(acc) - base_m) * 100:+.2f}" if (acc and base_m is not None) else "-"
-        secs = f"{statistics.mean(r['train_seconds']):.0f}" if r["train_seconds"] else "-"
-        print(f"{label:<22}{len(acc):>6}  {fmt(acc):>16}  {delta:>10}  {secs:>9}")
-        if acc:
-            kv.append(f"acc_{method}={statistics.mean(acc) * 100:.2f}")
-    if res["tp"]:
-        print("\nTP-Spikformer training-free pruning of the trained unpruned runs (blocks >= depth//3 pruned, "
-              "unselected tokens skip the block)")
-        print(f"(test images per evaluation: {res['tp'][0]['samples']})")
-        print(f"{'seed':>4} {'keep':>6} {'accuracy %':>11} {'unpruned %':>11} {'token-blocks':>13} {'ratio':>7}")
-        by_keep: dict[float, list[float]] = {}
-        for r in sorted(res["tp"], key=lambda r: (r["seed"], -r["keep"])):
-            print(f"{r['seed']:>4} {r['keep']:>6} {r['test_accuracy'] * 100:>11.2f} {r['baseline_accuracy'] * 100:>11.2f} "
-                  f"{r['token_blocks']:>6}/{r['token_blocks_unpruned']:<6} {r['token_ratio']:>7.3f}")
-            by_keep.setdefault(r["keep"], []).append(r["test_accuracy"])
-        for k, v in sorted(by_keep.items(), reverse=True):
-            kv.append(f"acc_tp_k{k}={statistics.mean(v) * 100:.2f}")
-    return " ".join(kv)
+def _ms(v: list[float]) -> str:
+    return f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
 
 
+def _pd(p) -> str:
+    return "-" if p is None else f"{p[0]:+.2f} ± {p[1]:.2f}"
+
+
+def verdicts(a, runs: list[dict]) -> list[str]:
+    """A plain statement per paper claim: supported, contradicted, or cannot tell (95 % intervals over seeds)."""
+    c = cells(a, runs)
+    out = []
+
+    def say(claim, p):
+        if p is None:
+            out.append(f"{claim}: cannot tell (fewer than 2 paired seeds)")
+        elif p[0] - p[1] > 0:
+            out.append(f"{claim}: supported ({p[0]:+.2f} ± {p[1]:.2f} pt, n={p[2]})")
+        elif p[0] + p[1] < 0:
+            out.append(f"{claim}: contradicted ({p[0]:+.2f} ± {p[1]:.2f} pt, n={p[2]})")
+        else:
+            out.append(f"{claim}: cannot tell ({p[0]:+.2f} ± {p[1]:.2f} pt, n={p[2]}: the interval contains 0)")
+
+    for g in a.gamma_list:
+        get = lambda v: c.get((v, g), {})  # noqa: E731
+        say(f"gamma {g}: TAT (stata) > AT (anchor)", paired(get("stata"), get("anchor")))
+        say(f"gamma {g}: AT (anchor) > random", paired(get("anchor"), get("random")))
+        say(f"gamma {g}: +intra helps", paired(get("stata+intra"), get("stata")))
+        say(f"gamma {g}: +inter helps", paired(get("stata+intra+inter"), get("stata+intra")))
+        p = paired(get("stata+intra+inter"), c.get(("none", None), {}))
+        if p is None:
+            out.append(f"gamma {g}: STATA within 1 pt of unpruned: cannot tell (fewer than 2 paired seeds)")
+        else:
+            lo = p[0] - p[1]
+            verdict = "supported" if lo > -1 else ("contradicted" if p[0] + p[1] < -1 else "cannot tell")
+            out.append(f"gamma {g}: STATA (+intra+inter) within 1 pt of unpruned: {verdict} ({p[0]:+.2f} ± {p[1]:.2f} pt)")
+    return out
+
+
+def plot(a, runs: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stata_deploy.fileio import write_via_buffer
+
+    c = cells(a, runs)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for var in [v for v in VARIANTS if v != "none"]:
+        gs = [g for g in a.gamma_list if c.get((var, g))]
+        if not gs:
+            continue
+        m = [100 * statistics.mean(c[(var, g)].values()) for g in gs]
+        s = [100 * statistics.stdev(c[(var, g)].values()) if len(c[(var, g)]) > 1 else 0 for g in gs]
+        ax.errorbar(gs, m, yerr=s, marker="o", capsize=3, label=var)
+    if c.get(("none", None)):
+        ax.axhline(100 * statistics.mean(c[("none", None)].values()), color="k", ls="--", lw=1, label="unpruned")
+    ax.set_xlabel("keep ratio gamma")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{a.dataset}, {a.model}: scorer ablation (mean ± std over seeds)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    write_via_buffer(Path(path), lambda buf: fig.savefig(buf, dpi=130, format="png"))
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="fashion-mnist")
     ap.add_argument("--model", default="spikformer-small")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--gammas", default="0.3,0.5")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--keep", type=float, default=0.5)
-    ap.add_argument("--stata-align", default="intra,inter", help="alignment losses for the stata rows ('' = none)")
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--warmup-epochs", type=int, default=0, help="0 = cosine decay from the first step")
-    ap.add_argument("--train-limit", type=int, default=6000)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--train-limit", type=int, default=30000, help="first N training images (0: all 60,000)")
+    ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--warmup-epochs", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per training process")
-    ap.add_argument("--workers", type=int, default=3, help="training processes in parallel")
-    ap.add_argument("--tp-keep", default="0.9,0.7,0.5,0.3")
-    ap.add_argument("--tp-from", default=None, help="unpruned run(s) for TP, '{seed}' expands (default: OUT/none_s{seed})")
-    ap.add_argument("--tp-limit", type=int, default=None, help="evaluate TP on the first N test images only")
-    ap.add_argument("--tp-seeds", default=None, help="seeds of the unpruned runs TP prunes (default: --seeds)")
-    ap.add_argument("--out", default=str(ROOT / "runs" / "ablation"))  # gitignored
-    ap.add_argument("--table-only", action="store_true", help="do not train; print the table of finished runs")
-    ap.add_argument("--child", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
+    ap.add_argument("--workers", type=int, default=2, help="training processes side by side")
+    ap.add_argument("--tp-limit", type=int, default=None, help="TP: evaluate on the first N test images only")
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "ablation.json"))
+    ap.add_argument("--out", default=str(ROOT / "runs" / "ablation"), help="run folders (gitignored)")
+    ap.add_argument("--plot", default=None, help="accuracy vs gamma per scorer (PNG)")
+    ap.add_argument("--table-only", action="store_true", help="train nothing; print the table of recorded runs")
+    ap.add_argument("--child", nargs=3, metavar=("VARIANT", "GAMMA", "SEED"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    a.train_limit = a.train_limit or None
     if a.child:
-        child(a, a.child[0], int(a.child[1]))
+        child(a)
         return 0
-    a.seed_list = [int(s) for s in a.seeds.split(",") if s.strip()]
-    a.tp_seed_list = [int(s) for s in (a.tp_seeds or a.seeds).split(",") if s.strip()]
-    a.tp_keep_list = [float(k) for k in a.tp_keep.split(",") if k.strip()]
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    Path(a.out).mkdir(parents=True, exist_ok=True)
+    a.gamma_list = [float(g) for g in a.gammas.split(",") if g.strip()]
+    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        sys.exit(f"error: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    res = Results(Path(a.results))
 
     def log(s):
         print(f"{time.strftime('%H:%M:%S')} {s}", flush=True)
 
+    t0 = time.time()
     if not a.table_only:
-        # seed-major order: the first seed of every method finishes before the next seed starts
-        jobs = [(m, s) for s in a.seed_list for m in methods]
+        # seed-major: a complete first seed of every variant comes before the second seed of any
+        jobs = [(v, None if v == "none" else g, s) for s in seeds for v in variants if v in TRAINED
+                for g in (a.gamma_list if v != "none" else [None])]
+        jobs = list(dict.fromkeys(jobs))
         with ThreadPoolExecutor(max_workers=a.workers) as pool:
-            list(pool.map(lambda j: run_one(a, j[0], j[1], log), jobs))
-        for s in a.tp_seed_list:
-            for k in a.tp_keep_list:
-                tp_one(a, s, k, log)
-    res = collect(a)
-    (Path(a.out) / "results.json").write_text(json.dumps(res, indent=2))
-    kv = print_table(res, a)
-    print(f"results written to {Path(a.out) / 'results.json'}")
-    print(kv)
+            list(pool.map(lambda j: train_one(a, res, *j, log), jobs))
+        if "tp" in variants:
+            for s in seeds:
+                for g in a.gamma_list:
+                    tp_one(a, res, g, s, log)
+    runs = res.load()
+    text, kv = table(a, runs)
+    print("\n" + text + "\n")
+    for v in verdicts(a, runs):
+        print(v)
+    mine = [r for r in runs if r["recipe_id"] in {recipe_id(recipe(a, v, None if v == "none" else g))
+                                                  for v in VARIANTS for g in a.gamma_list}]
+    total = sum(r["wall_seconds"] for r in mine)
+    print(f"\n{len(mine)} runs recorded in {res.path}; their wall time {total / 3600:.2f} h "
+          f"({total / max(1, len(mine)) / 60:.1f} min per run); this invocation {time.time() - t0:.0f} s")
+    if a.plot:
+        plot(a, runs, a.plot)
+        print(f"plot written to {a.plot}")
+    print(" ".join(f"{k}={v}" for k, v in {"runs": len(mine), **kv}.items()))
     return 0
 
 
