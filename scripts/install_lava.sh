@@ -28,73 +28,14 @@ if [ "${LAVA_FORCE:-0}" != "1" ] && "$PY" -c "import lava.magma.core.run_configs
     exit 0
 fi
 
-mkdir -p "$CACHE"
-if [ ! -f "$CACHE/$LAVA_WHEEL" ]; then
-    "$PY" -m pip download -q --no-deps --ignore-requires-python "lava-nc==$LAVA_VERSION" -d "$CACHE"
-fi
-echo "$LAVA_SHA256  $CACHE/$LAVA_WHEEL" | sha256sum -c --quiet - || {
-    echo "install_lava.sh: checksum mismatch for $CACHE/$LAVA_WHEEL (expected sha256 $LAVA_SHA256); refusing to install" >&2
-    rm -f "$CACHE/$LAVA_WHEEL"
-    exit 1
-}
-
-# Patch + repack (pure Python, zipfile; no extra build tools needed).
-"$PY" - "$CACHE/$LAVA_WHEEL" "$CACHE" <<'PYEOF'
-import base64, hashlib, re, sys, zipfile, pathlib
-
-src, cache = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
-old_v, new_v = "0.10.0", "0.10.0+py311"
-old_di, new_di = f"lava_nc-{old_v}.dist-info", f"lava_nc-{new_v}.dist-info"
-out = cache / f"lava_nc-{new_v}-py3-none-any.whl"
-
-zin = zipfile.ZipFile(src)
-files = {}
-for info in zin.infolist():
-    if info.is_dir():
-        continue
-    name = info.filename
-    data = zin.read(name)
-    if name.startswith(old_di + "/"):
-        name = new_di + name[len(old_di):]
-    files[name] = data
-
-# 1. var_model.py: mutable dataclass defaults -> default_factory (exactly 8 fields; fail loudly if upstream differs)
-vm = "lava/magma/compiler/var_model.py"
-text = files[vm].decode()
-text, n_imp = re.subn(r"^from dataclasses import dataclass, InitVar$",
-                      "from dataclasses import dataclass, InitVar, field", text, flags=re.M)
-text, n_fix = re.subn(r": ByteEncoder = ByteEncoder\(\)", ": ByteEncoder = field(default_factory=ByteEncoder)", text)
-if (n_imp, n_fix) != (1, 8):
-    sys.exit(f"install_lava.sh: unexpected var_model.py (import fixes {n_imp}, field fixes {n_fix}; expected 1, 8)")
-files[vm] = text.encode()
-
-# 2. METADATA: version and Requires-Python
-md = new_di + "/METADATA"
-text = files[md].decode()
-text, n1 = re.subn(r"^Version: 0\.10\.0$", f"Version: {new_v}", text, flags=re.M)
-text, n2 = re.subn(r"^Requires-Python: .*$", "Requires-Python: >=3.10", text, flags=re.M)
-if (n1, n2) != (1, 1):
-    sys.exit("install_lava.sh: unexpected METADATA layout")
-files[md] = text.encode()
-
-# 3. RECORD regenerated from the actual bytes
-rec = new_di + "/RECORD"
-lines = []
-for name, data in files.items():
-    if name == rec:
-        continue
-    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-    lines.append(f"{name},sha256={digest},{len(data)}")
-lines.append(f"{rec},,")
-files[rec] = ("\n".join(lines) + "\n").encode()
-
-tmp = out.with_suffix(".tmp")
-with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zout:
-    for name, data in files.items():
-        zout.writestr(name, data)
-tmp.replace(out)
-print(f"patched wheel: {out.name} (var_model.py: {n_fix} dataclass defaults fixed)")
-PYEOF
+source scripts/_wheels.sh
+fetch_checked lava-nc "$LAVA_VERSION" "$LAVA_WHEEL" "$LAVA_SHA256"
+# Patch + repack (scripts/patch_wheel.py: each substitution must match exactly the given number of times)
+"$PY" scripts/patch_wheel.py "$CACHE/$LAVA_WHEEL" "$CACHE" --version 0.10.0+py311 --requires-python ">=3.10" \
+    --sub lava/magma/compiler/var_model.py '^from dataclasses import dataclass, InitVar$' \
+          'from dataclasses import dataclass, InitVar, field' 1 \
+    --sub lava/magma/compiler/var_model.py ': ByteEncoder = ByteEncoder\(\)' \
+          ': ByteEncoder = field(default_factory=ByteEncoder)' 8
 
 CONSTRAINTS="$CACHE/constraints.txt"
 cat > "$CONSTRAINTS" <<'EOF'

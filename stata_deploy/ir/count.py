@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..results import RunResult
+from ..attention import _heads, _merge  # (T, B, N, D) <-> (T, B, H, N, dh): the model's own head split
 from .report import CountError, LayerOps, OpsReport
 from .nodes import (Add, BatchNorm, Conv, Graph, Head, Input, MaxPool, Neuron, Node, Product, Rejoin, Scorer, Select,
                     TokenLinear, Tokens)
@@ -58,16 +59,6 @@ def _fanout_map(h: int, w: int, k: int = 3, stride: int = 1, pad: int = 1) -> to
                              for i in range(n)], dtype=torch.float64)
 
     return valid(h)[:, None] * valid(w)[None, :]
-
-
-def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
-    T, B, N, D = x.shape
-    return x.reshape(T, B, N, h, D // h).transpose(2, 3)  # (T, B, H, N, dh)
-
-
-def _merge(x: torch.Tensor) -> torch.Tensor:
-    T, B, H, N, dh = x.shape
-    return x.transpose(2, 3).reshape(T, B, N, H * dh)
 
 
 def _matmul_pairs(a_nz: torch.Tensor, b_nz: torch.Tensor) -> torch.Tensor:
