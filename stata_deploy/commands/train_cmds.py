@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ..cli import emit, main, set_threads, threads_option
-from ..config import PRESETS, PRUNE_METHODS
+from ..config import ATTENTION_KINDS, PRESETS, PRUNE_METHODS
 from ..errors import StataError
 
 
@@ -42,7 +42,7 @@ def _sites(ctx, param, value):
               help="digits | fashion-mnist | idx:DIR | npz:FILE | folder:DIR | <name>-events (derived)")
 @click.option("--model", "preset", default="spikformer-tiny", show_default=True,
               type=click.Choice(PRESETS.names()), help="Model preset.")
-@click.option("--attention", type=click.Choice(["ssa", "sdsa", "a2os2a"]), default=None, help="Override the attention kind.")
+@click.option("--attention", type=click.Choice(ATTENTION_KINDS), default=None, help="Override the attention kind.")
 @click.option("--prune", default="none", show_default=True, type=click.Choice(PRUNE_METHODS), help="Token pruning method.")
 @click.option("--keep", default=1.0, show_default=True, type=float, callback=_keep, help="Keep ratio gamma in (0, 1].")
 @click.option("--sites", default=None, callback=_sites, help="Pruning sites (block indices), e.g. 1,4. Default: every 3 blocks from L//3.")
