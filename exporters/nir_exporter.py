@@ -668,7 +668,7 @@ def summarize(graph) -> dict:
     """Node counts, neurons (LIF state elements) and synapses (nonzero weights) of a nir.NIRGraph."""
     import nir
 
-    from runtimes.nir_graph import conv_synapses
+    from stata_deploy.ir.geometry import conv_synapses
 
     counts: dict[str, int] = {}
     neurons = synapses = gates = 0
