@@ -17,6 +17,16 @@ How the network is built
     ``Extractor`` per neuron layer streams its spikes out (no ``Var.get``). Every port carries a batch of ``batch``
     samples (parallel copies): one build serves every sample.
 
+Lava's own processes (issue 14)
+    In float precision, each fused Synapse -> LIF pair that Lava expresses exactly runs on Lava's own
+    ``lava.proc.sparse.Sparse`` -> ``lava.proc.lif.LIFReset`` (``_lava_pair``): du = 1, dv = 1/tau, weights and bias
+    scaled by r/tau, vth = the file's v_threshold (Lava's strict ``>`` is NIR's rule), reset every T steps at the
+    layer's model timestep 0; the batch is flattened sample-major into a block-diagonal kron(I_B, W) on (B * N,)
+    (the worker connects (B, ...) ports of ours through Lava ReshapePorts). Ours stay for what lava.proc lacks:
+    products of two spike trains (Op2), ReLU / ternary neurons, layers of token segments whose schedule drops
+    tokens at some timesteps, synapses without a LIF (residual branches), Delay, reshapes and sums.
+    ``LavaRuntime.process_kinds`` counts both; ``lava_procs=False`` builds everything from ours (for comparison).
+
 Timing (explicit)
     Like Lava's Dense, every Synapse delays by one step; all other processes are combinational. Each tensor has a
     lag (synapses on its longest path); inputs of an op with different lags are delay-matched with ``Delay``
@@ -71,7 +81,7 @@ from stata_deploy.neurons import TAU, V_RESET, V_TH
 from stata_deploy.results import RunResult
 from stata_deploy.runtime_api import Runtime
 
-from runtimes.lava_worker import SPEC_FORMAT, SPEC_TAGS, TAG_ARRAY, TAG_CSR, TAG_TUPLE, TEMP_PREFIX
+from runtimes.lava_worker import LAVA_MODULES, SPEC_FORMAT, SPEC_TAGS, TAG_ARRAY, TAG_CSR, TAG_TUPLE, TEMP_PREFIX
 from runtimes.nir_graph import NirFormatError
 
 PRECISIONS = ("float", "fixed")
@@ -394,13 +404,26 @@ class _Builder:
         self.records[key] = (x.name, x.lag, x.shape)
         self.layouts[key] = layout
 
-    def spec(self, buffer: int, fuse: bool = True) -> dict:
-        procs = self._fused() if fuse else self.procs
+    def spec(self, buffer: int, fuse: bool = True, lava_procs: bool = True) -> dict:
+        """The worker's spec. fuse: Synapse -> Neuron pairs become one process; lava_procs: standard pairs (see
+        ``_lava_pair``) become Lava's own ``Sparse`` + ``LIFReset`` (float precision only)."""
+        procs = self._fused(lava_procs and self.precision == "float") if fuse else self.procs
         return dict(T=self.T, batch=self.B, input_shape=self.input_shape, procs=procs, records=self.records,
                     buffer=buffer)
 
-    def _fused(self) -> list[dict]:
-        """Fuse each Synapse whose only consumer is one Neuron into a SynapseNeuron process (same timing)."""
+    def process_kinds(self, **spec_kw) -> dict[str, int]:
+        """Counts of the built network's processes by kind: ``lava.proc.<module>.<Class>`` for Lava's own
+        processes (the Injector and the Extractors included), ``ours:<Class>`` for runtimes.lava_procs."""
+        kinds: dict[str, int] = {"lava.proc.io.Injector": 1, "lava.proc.io.Extractor": len(self.records)}
+        for p in self.spec(buffer=1, **spec_kw)["procs"]:
+            c = p["cls"]
+            k = f"lava.proc.{LAVA_MODULES[c[5:]].split('.')[2]}.{c[5:]}" if c.startswith("lava:") else f"ours:{c}"
+            kinds[k] = kinds.get(k, 0) + 1
+        return kinds
+
+    def _fused(self, lava: bool = False) -> list[dict]:
+        """Fuse each Synapse whose only consumer is one Neuron into a SynapseNeuron process (same timing), or, with
+        ``lava`` and when ``_lava_pair`` accepts it, into Lava's own Sparse + LIFReset (same timing)."""
         consumers: dict[str, int] = {}
         for p in self.procs:
             for i in p["inputs"]:
@@ -414,14 +437,81 @@ class _Builder:
             if s is not None and s["cls"] == "Synapse" and consumers.get(s["name"]) == 1:
                 gone.add(s["name"])
                 neu = {**dict(tau_steps=TAU, r=1.0, v_leak=V_RESET, v_th=V_TH, v_reset=V_RESET), **p["kwargs"]}
+                pair = _lava_pair(s, p["name"], neu) if lava else None
+                if pair is not None:
+                    out.extend(pair)
+                    continue
                 p = dict(cls="SynapseNeuron", name=p["name"], inputs=s["inputs"], in_ports=["s_in"],
                          kwargs=dict(syn=s["kwargs"], neu=neu))
             out.append(p)
-        return [p for p in out if p["name"] not in gone]
+        return [p for p in out if not (p["cls"] == "Synapse" and p["name"] in gone)]
 
     @property
     def depth(self) -> int:
         return max(lag for _, lag, _ in self.records.values())
+
+# ------------------------------------------------------------------------- Lava's own processes (lava.proc)
+
+
+def _synapse_matrix(k: dict) -> sp.csr_matrix:
+    """A Synapse's weight as one sparse (Dout, Din) matrix on the flattened sample (C order)."""
+    w, mode = k["weight"], k["mode"]
+    in_shape, out_shape = k["in_shape"][1:], k["out_shape"][1:]
+    if mode == "sparse":
+        return sp.csr_matrix(w)
+    if mode == "cf":  # (Co, Ci) over axis 0 of (Ci, n...): y[co, j] = sum_ci W[co, ci] x[ci, j]
+        n = int(np.prod(in_shape[1:]))
+        return sp.kron(sp.csr_matrix(w), sp.identity(n, format="csr"), format="csr")
+    # affine: (..., out, in) over the last axis, leading axes per position
+    P = int(np.prod(in_shape[:-1]))
+    wb = np.broadcast_to(w, (*in_shape[:-1], *w.shape[-2:])).reshape(P, *w.shape[-2:])
+    if all(np.array_equal(wb[0], wi) for wi in wb[1:]):
+        return sp.kron(sp.identity(P, format="csr"), sp.csr_matrix(wb[0]), format="csr")
+    return sp.block_diag([sp.csr_matrix(wi) for wi in wb], format="csr")
+
+
+def _scalar(v):
+    a = np.asarray(v, dtype=np.float64)
+    return float(a.flat[0]) if a.size and (a == a.flat[0]).all() else None
+
+
+def _lava_pair(syn: dict, name: str, neu: dict) -> list[dict] | None:
+    """A fused Synapse -> LIF pair as Lava's own ``Sparse`` -> ``LIFReset``, or None when Lava's processes cannot
+    express it exactly (token mask with dropped tokens, a non-LIF neuron, per-neuron decay / threshold, a leak or
+    reset potential other than 0, fixed point or float32 arithmetic).
+
+    Lava's LIF: ``u = u(1-du) + a_in; v = v(1-dv) + u + bias; s = v > vth; v = 0 if s``. With du = 1, dv = 1/tau,
+    weights and bias scaled by r/tau it is our ``H = V + (r X - V) / tau`` (for tau = 2 bit for bit); its strict
+    ``>`` is NIR's rule, so vth is the file's v_threshold (our Neuron's v_th is the next float64 above it). The
+    batch is flattened sample-major: the Sparse is block-diagonal kron(I_B, W) on (B * Din,) -> (B * Dout,).
+    Timing: Sparse delays one step like our Synapse; LIFReset zeroes u and v at Lava time_step % T ==
+    (1 + lag) % T, i.e. at model timestep 0 of each chunk (the bias from Lava's step 0 only touches chunk -1,
+    which no record reads)."""
+    k = syn["kwargs"]
+    if neu.get("kind", "lif") != "lif" or neu.get("dtype", "float64") != "float64" or neu.get("grid", 0.0):
+        return None
+    for m in (k.get("mask"), neu.get("mask")):
+        if m is not None and not np.asarray(m).all():
+            return None
+    tau, r, vl, vth, vr = (_scalar(neu[q]) for q in ("tau_steps", "r", "v_leak", "v_th", "v_reset"))
+    if None in (tau, r, vl, vr, vth) or vl != 0.0 or vr != 0.0 or tau < 1.0:
+        return None
+    vth = float(np.nextafter(vth, -np.inf))  # back to the file's v_threshold (v > vth)
+    B = k["in_shape"][0]
+    c = r / tau
+    M = _synapse_matrix(k) * c
+    W = sp.kron(sp.identity(B, format="csr"), M, format="csr")
+    W.sum_duplicates()
+    W.sort_indices()
+    n_out = int(np.prod(k["out_shape"]))
+    bias = 0.0 if k.get("bias") is None else \
+        np.broadcast_to(np.asarray(k["bias"], dtype=np.float64) * c, k["out_shape"]).reshape(-1).copy()
+    T, lag = int(k["T"]), int(k["lag"])
+    return [dict(cls="lava:Sparse", name=syn["name"], inputs=syn["inputs"], in_ports=["s_in"],
+                 kwargs=dict(weights=W, num_message_bits=24)),  # graded input (the stem sees real-valued pixels)
+            dict(cls="lava:LIFReset", name=name, inputs=[syn["name"]], in_ports=["a_in"],
+                 kwargs=dict(shape=(n_out,), du=1.0, dv=1.0 / tau, bias_mant=bias, vth=vth,
+                             reset_interval=T, reset_offset=(1 + lag) % T))]
 
 # ------------------------------------------------------------------------------------------- lowering
 def _conv_matrix(w: np.ndarray, in_shape, stride, padding, dilation, groups) -> tuple[sp.csr_matrix, tuple]:
@@ -627,12 +717,13 @@ class LavaRuntime(Runtime):
     accepts = ("precision", "timeout")
 
     def __init__(self, path, precision: str = "float", timeout: float = 600.0, batch: int | None = None,
-                 dtype: str = "float64", **options):
+                 dtype: str = "float64", lava_procs: bool = True, **options):
         """precision: 'float' | 'fixed'; timeout: seconds any single answer of the simulation may take (build,
         compile, or one run call) before its process group is killed; batch: samples simulated in parallel (one
         network build; a run of B samples streams ceil(B / batch) chunks); dtype: neuron arithmetic in float mode.
         Other options the CLI passes (hardware, threads) do not change the simulation: energy is computed from the
-        returned spikes by the shared counter."""
+        returned spikes by the shared counter. lava_procs: build the standard layers (synapse + LIF pairs) on Lava's
+        own ``Sparse`` + ``LIFReset`` where they are exact (float precision; see ``_lava_pair``); False: all ours."""
         super().__init__(path)
         if precision not in PRECISIONS:
             raise StataError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
@@ -650,6 +741,9 @@ class LavaRuntime(Runtime):
         self._builder = lower_graph(self.graph, self.batch, precision, dtype)
         self.lower_seconds = time.perf_counter() - t0
         self.depth = self._builder.depth  # steps from input to logits
+        self.lava_procs = bool(lava_procs)
+        # which processes of the built network are Lava's own ("lava.proc.sparse.Sparse": n) and which ours
+        self.process_kinds = self._builder.process_kinds(lava_procs=self.lava_procs)
         self.quantisation = self._builder.quant
         self._worker: _Worker | None = None
         self.last_worker: _Worker | None = None  # kept after a kill (tests check its process group and memory)
@@ -662,7 +756,8 @@ class LavaRuntime(Runtime):
     def _ensure_worker(self) -> "_Worker":
         if self._worker is None or not self._worker.alive:
             t0 = time.perf_counter()
-            spec = self._builder.spec(buffer=4)  # the host reads every Extractor once per step: 4 slots suffice
+            # the host reads every Extractor once per step: 4 slots suffice
+            spec = self._builder.spec(buffer=4, lava_procs=self.lava_procs)
             self._worker = self.last_worker = _Worker(spec, self.timeout)
             self._finalizer.detach()
             self._finalizer = weakref.finalize(self, _Runtime_cleanup, [self._worker])

@@ -111,6 +111,35 @@ def test_parity_with_torch_every_layer_and_sops(nir_files, lava_rts, digits, att
 
 
 @needs_lava
+def test_standard_layers_are_lavas_own_processes(nir_files, lava_rts):
+    """Issue 14: every synapse -> LIF pair that Lava's own processes express exactly (no dropped tokens in its
+    schedule, zero leak / reset) is lava.proc.sparse.Sparse -> lava.proc.lif.LIFReset; ours remain only for the rest
+    (products, ReLU / ternary neurons, masked token layers, delays, reshapes, sums)."""
+    import numpy as np
+
+    for att, rt in lava_rts.items():
+        kinds = rt.process_kinds
+        assert kinds["lava.proc.sparse.Sparse"] == kinds["lava.proc.lif.LIFReset"] >= 8, (att, kinds)
+        assert kinds["lava.proc.io.Injector"] == 1 and kinds["lava.proc.io.Extractor"] == len(rt._builder.records)
+        assert set(kinds) - {"lava.proc.io.Injector", "lava.proc.io.Extractor", "lava.proc.sparse.Sparse",
+                             "lava.proc.lif.LIFReset"} <= {f"ours:{c}" for c in
+                                                           ("Synapse", "Neuron", "SynapseNeuron", "Op1", "Op2",
+                                                            "Delay")}
+        procs = rt._builder.spec(buffer=1)["procs"]
+        for p in procs:  # a fused pair left ours is a ReLU / ternary neuron or a layer with dropped tokens
+            if p["cls"] == "SynapseNeuron":
+                neu, syn = p["kwargs"]["neu"], p["kwargs"]["syn"]
+                masked = any(m is not None and not np.asarray(m).all() for m in (neu["mask"], syn["mask"]))
+                assert neu["kind"] != "lif" or masked, (att, p["name"])
+        assert sum(p["cls"] == "SynapseNeuron" for p in procs) + kinds["lava.proc.lif.LIFReset"] == \
+            sum(p["cls"] == "SynapseNeuron" for p in rt._builder.spec(buffer=1, lava_procs=False)["procs"])
+        stem = [p for p in procs if ".stem." in p["name"] or p["name"].split("_", 1)[1].startswith("stem")]
+        assert stem and all(p["cls"].startswith("lava:") for p in stem), (att, [p["cls"] for p in stem])
+        lifs = [p for p in procs if p["cls"] == "lava:LIFReset"]
+        assert all(p["kwargs"]["du"] == 1.0 and p["kwargs"]["dv"] == 0.5 for p in lifs)  # tau = 2
+
+
+@needs_lava
 def test_fixed_point_reports_quantisation_and_accuracy_cost(tmp_path, digits):
     from exporters.nir_exporter import NirExporter
     from stata_deploy.inference import run_torch
