@@ -444,7 +444,36 @@ class _Builder:
                 p = dict(cls="SynapseNeuron", name=p["name"], inputs=s["inputs"], in_ports=["s_in"],
                          kwargs=dict(syn=s["kwargs"], neu=neu))
             out.append(p)
-        return [p for p in out if not (p["cls"] == "Synapse" and p["name"] in gone)]
+        out = [p for p in out if not (p["cls"] == "Synapse" and p["name"] in gone)]
+        return self._to_lava(out) if lava else out
+
+    def _to_lava(self, procs: list[dict]) -> list[dict]:
+        """After fusing: a bias-free Synapse on its own (token selections, placements) -> Lava's ``Sparse``; a LIF
+        Neuron fed only by one Op2 (an attention product, a sum) -> Lava's ``LIFReset`` with the Op2's output
+        scaled by r/tau (``_lava_lif``; exact for tau = 2 and the dyadic values SSA's ties need)."""
+        consumers: dict[str, int] = {}
+        for p in procs:
+            for i in p["inputs"]:
+                consumers[i] = consumers.get(i, 0) + 1
+        for src, _, _ in self.records.values():
+            consumers[src] = consumers.get(src, 0) + 1
+        by_name = {p["name"]: p for p in procs}
+        out = []
+        for p in procs:
+            k = p["kwargs"]
+            if p["cls"] == "Synapse" and k.get("bias") is None and _unmasked(k.get("mask")):
+                p = dict(cls="lava:Sparse", name=p["name"], inputs=p["inputs"], in_ports=["s_in"],
+                         kwargs=dict(weights=_batched_matrix(k), num_message_bits=24))
+            elif p["cls"] == "Neuron":
+                src = by_name.get(p["inputs"][0])
+                neu = {**dict(tau_steps=TAU, r=1.0, v_leak=V_RESET, v_th=V_TH, v_reset=V_RESET), **k}
+                lif = _lava_lif(p["name"], p["inputs"], neu, None, int(k["T"]), int(k["lag"])) \
+                    if src is not None and src["cls"] == "Op2" and consumers.get(src["name"]) == 1 else None
+                if lif is not None:
+                    src["kwargs"] = {**src["kwargs"], "out_scale": lif.pop("scale")}
+                    p = lif
+            out.append(p)
+        return out
 
     @property
     def depth(self) -> int:
@@ -475,6 +504,35 @@ def _scalar(v):
     return float(a.flat[0]) if a.size and (a == a.flat[0]).all() else None
 
 
+def _unmasked(m) -> bool:
+    return m is None or bool(np.asarray(m).all())
+
+
+def _batched_matrix(k: dict, c: float = 1.0) -> sp.csr_matrix:
+    """A Synapse's weight (times c) on the flattened batch: block-diagonal kron(I_B, W), sample-major."""
+    W = sp.kron(sp.identity(k["in_shape"][0], format="csr"), _synapse_matrix(k) * c, format="csr")
+    W.sum_duplicates()
+    W.sort_indices()
+    return W
+
+
+def _lava_lif(name, inputs, neu: dict, bias, T: int, lag: int) -> dict | None:
+    """Our LIF Neuron as Lava's ``LIFReset`` (its input must come scaled by the returned ``scale`` = r/tau), or
+    None when Lava's LIF cannot express it (see ``_lava_pair``)."""
+    if neu.get("kind", "lif") != "lif" or neu.get("dtype", "float64") != "float64" or neu.get("grid", 0.0):
+        return None
+    if not _unmasked(neu.get("mask")):
+        return None
+    tau, r, vl, vth, vr = (_scalar(neu[q]) for q in ("tau_steps", "r", "v_leak", "v_th", "v_reset"))
+    if None in (tau, r, vl, vr, vth) or vl != 0.0 or vr != 0.0 or tau < 1.0:
+        return None
+    vth = float(np.nextafter(vth, -np.inf))  # back to the file's v_threshold (v > vth)
+    n = int(np.prod(neu["shape"]))
+    return dict(cls="lava:LIFReset", name=name, inputs=list(inputs), in_ports=["a_in"], scale=r / tau,
+                kwargs=dict(shape=(n,), du=1.0, dv=1.0 / tau, bias_mant=0.0 if bias is None else bias, vth=vth,
+                            reset_interval=T, reset_offset=(1 + lag) % T))
+
+
 def _lava_pair(syn: dict, name: str, neu: dict) -> list[dict] | None:
     """A fused Synapse -> LIF pair as Lava's own ``Sparse`` -> ``LIFReset``, or None when Lava's processes cannot
     express it exactly (token mask with dropped tokens, a non-LIF neuron, per-neuron decay / threshold, a leak or
@@ -488,30 +546,18 @@ def _lava_pair(syn: dict, name: str, neu: dict) -> list[dict] | None:
     (1 + lag) % T, i.e. at model timestep 0 of each chunk (the bias from Lava's step 0 only touches chunk -1,
     which no record reads)."""
     k = syn["kwargs"]
-    if neu.get("kind", "lif") != "lif" or neu.get("dtype", "float64") != "float64" or neu.get("grid", 0.0):
+    if not _unmasked(k.get("mask")):
         return None
-    for m in (k.get("mask"), neu.get("mask")):
-        if m is not None and not np.asarray(m).all():
-            return None
-    tau, r, vl, vth, vr = (_scalar(neu[q]) for q in ("tau_steps", "r", "v_leak", "v_th", "v_reset"))
-    if None in (tau, r, vl, vr, vth) or vl != 0.0 or vr != 0.0 or tau < 1.0:
+    lif = _lava_lif(name, [syn["name"]], neu, None, int(k["T"]), int(k["lag"]))
+    if lif is None:
         return None
-    vth = float(np.nextafter(vth, -np.inf))  # back to the file's v_threshold (v > vth)
-    B = k["in_shape"][0]
-    c = r / tau
-    M = _synapse_matrix(k) * c
-    W = sp.kron(sp.identity(B, format="csr"), M, format="csr")
-    W.sum_duplicates()
-    W.sort_indices()
-    n_out = int(np.prod(k["out_shape"]))
-    bias = 0.0 if k.get("bias") is None else \
-        np.broadcast_to(np.asarray(k["bias"], dtype=np.float64) * c, k["out_shape"]).reshape(-1).copy()
-    T, lag = int(k["T"]), int(k["lag"])
+    c = lif.pop("scale")
+    if k.get("bias") is not None:
+        lif["kwargs"]["bias_mant"] = \
+            np.broadcast_to(np.asarray(k["bias"], dtype=np.float64) * c, k["out_shape"]).reshape(-1).copy()
     return [dict(cls="lava:Sparse", name=syn["name"], inputs=syn["inputs"], in_ports=["s_in"],
-                 kwargs=dict(weights=W, num_message_bits=24)),  # graded input (the stem sees real-valued pixels)
-            dict(cls="lava:LIFReset", name=name, inputs=[syn["name"]], in_ports=["a_in"],
-                 kwargs=dict(shape=(n_out,), du=1.0, dv=1.0 / tau, bias_mant=bias, vth=vth,
-                             reset_interval=T, reset_offset=(1 + lag) % T))]
+                 kwargs=dict(weights=_batched_matrix(k, c), num_message_bits=24)),  # graded (real-valued pixels)
+            lif]
 
 # ------------------------------------------------------------------------------------------- lowering
 def _conv_matrix(w: np.ndarray, in_shape, stride, padding, dilation, groups) -> tuple[sp.csr_matrix, tuple]:
