@@ -462,8 +462,7 @@ class _Builder:
         for p in procs:
             k = p["kwargs"]
             if p["cls"] == "Synapse" and k.get("bias") is None and _unmasked(k.get("mask")):
-                p = dict(cls="lava:Sparse", name=p["name"], inputs=p["inputs"], in_ports=["s_in"],
-                         kwargs=dict(weights=_batched_matrix(k), num_message_bits=24))
+                p = _lava_sparse(p["name"], p["inputs"], k)
             elif p["cls"] == "Neuron":
                 src = by_name.get(p["inputs"][0])
                 neu = {**dict(tau_steps=TAU, r=1.0, v_leak=V_RESET, v_th=V_TH, v_reset=V_RESET), **k}
@@ -508,12 +507,15 @@ def _unmasked(m) -> bool:
     return m is None or bool(np.asarray(m).all())
 
 
-def _batched_matrix(k: dict, c: float = 1.0) -> sp.csr_matrix:
-    """A Synapse's weight (times c) on the flattened batch: block-diagonal kron(I_B, W), sample-major."""
-    W = sp.kron(sp.identity(k["in_shape"][0], format="csr"), _synapse_matrix(k) * c, format="csr")
+def _lava_sparse(name: str, inputs, k: dict, c: float = 1.0) -> dict:
+    """Lava's ``Sparse`` for a Synapse's weight (times c) on the flattened batch: block-diagonal kron(I_B, W),
+    sample-major. The spec holds the per-sample W and ``block_diag`` = B; the worker builds the kron (a spec B
+    times smaller: the block-diagonal matrix holds B copies of every weight)."""
+    W = (_synapse_matrix(k) * c).tocsr()
     W.sum_duplicates()
     W.sort_indices()
-    return W
+    return dict(cls="lava:Sparse", name=name, inputs=list(inputs), in_ports=["s_in"], block_diag=int(k["in_shape"][0]),
+                kwargs=dict(weights=W, num_message_bits=24))  # graded input (the stem sees real-valued pixels)
 
 
 def _lava_lif(name, inputs, neu: dict, bias, T: int, lag: int) -> dict | None:
@@ -555,9 +557,7 @@ def _lava_pair(syn: dict, name: str, neu: dict) -> list[dict] | None:
     if k.get("bias") is not None:
         lif["kwargs"]["bias_mant"] = \
             np.broadcast_to(np.asarray(k["bias"], dtype=np.float64) * c, k["out_shape"]).reshape(-1).copy()
-    return [dict(cls="lava:Sparse", name=syn["name"], inputs=syn["inputs"], in_ports=["s_in"],
-                 kwargs=dict(weights=_batched_matrix(k, c), num_message_bits=24)),  # graded (real-valued pixels)
-            lif]
+    return [_lava_sparse(syn["name"], syn["inputs"], k, c), lif]
 
 # ------------------------------------------------------------------------------------------- lowering
 def _conv_matrix(w: np.ndarray, in_shape, stride, padding, dilation, groups) -> tuple[sp.csr_matrix, tuple]:

@@ -236,7 +236,14 @@ class Network:
         self.inj = Injector(shape=(self.Bc, *spec["input_shape"]), buffer_size=spec["buffer"])
         self.procs["input"] = self.inj
         for p in spec["procs"]:
-            proc = _process_class(p["cls"], lava_procs)(**p["kwargs"], name=p["name"])
+            kwargs = p["kwargs"]
+            if p.get("block_diag"):  # Lava's Sparse over the flattened batch: kron(I_B, W), sample-major
+                import scipy.sparse as sp  # a Lava dependency
+
+                W = sp.kron(sp.identity(p["block_diag"], format="csr"), kwargs["weights"], format="csr")
+                W.sort_indices()
+                kwargs = {**kwargs, "weights": W}
+            proc = _process_class(p["cls"], lava_procs)(**kwargs, name=p["name"])
             self.procs[p["name"]] = proc
             for port, src in zip(p["in_ports"], p["inputs"]):
                 _connect(self._out_port(src), getattr(proc, port))
