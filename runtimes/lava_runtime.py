@@ -472,7 +472,36 @@ class _Builder:
                     src["kwargs"] = {**src["kwargs"], "out_scale": lif.pop("scale")}
                     p = lif
             out.append(p)
-        return out
+        return self._split_sums(out)
+
+    def _split_sums(self, procs: list[dict]) -> list[dict]:
+        """A sum of two edges (Op2 add) feeding only a Lava Sparse -> LIFReset pair: W (a + b) = W a + W b, two
+        Sparse (one per edge, both already delay-matched) into the LIF's one ``a_in`` (Lava sums the connections
+        of an InPort). Removes our add; equal up to float rounding of the sum order (no ties there: real weights)."""
+        consumers: dict[str, list] = {}
+        for p in procs:
+            for i in p["inputs"]:
+                consumers.setdefault(i, []).append(p)
+        recorded = {src for src, _, _ in self.records.values()}
+        by_name = {p["name"]: p for p in procs}
+        drop, out = set(), []
+        for p in procs:
+            if p["cls"] == "lava:Sparse" and p["name"] not in recorded:
+                add = by_name.get(p["inputs"][0])
+                users = consumers.get(p["name"], [])
+                if add is not None and add["cls"] == "Op2" and add["kwargs"]["kind"] == "add" \
+                        and add["kwargs"].get("mask") is None and add["kwargs"].get("out_scale", 1.0) == 1.0 \
+                        and add["name"] not in recorded and len(consumers.get(add["name"], [])) == 1 \
+                        and len(users) == 1 and users[0]["cls"] == "lava:LIFReset" and len(users[0]["inputs"]) == 1:
+                    drop.add(add["name"])
+                    second = {**p, "name": p["name"][:57] + ".b", "inputs": [add["inputs"][1]]}
+                    out += [{**p, "inputs": [add["inputs"][0]]}, second]
+                    lif = users[0]
+                    lif["inputs"] = [p["name"], second["name"]]
+                    lif["in_ports"] = ["a_in", "a_in"]
+                    continue
+            out.append(p)
+        return [p for p in out if p["name"] not in drop]
 
     @property
     def depth(self) -> int:

@@ -147,6 +147,33 @@ def test_standard_layers_are_lavas_own_processes(nir_files, lava_rts):
         assert all(p["kwargs"]["du"] == 1.0 and p["kwargs"]["dv"] in (0.5, 1.0) for p in lifs)
 
 
+@pytest.mark.parametrize("preset", ["sdt-tiny", "spikformer-tiny"])
+@needs_lava
+def test_unpruned_tiny_presets_leave_ours_only_what_lava_lacks(tmp_path, preset):
+    """Unpruned sdt-tiny / spikformer-tiny (no worker started): every LIF is Lava's LIFReset, every synapse but the
+    biased head Lava's Sparse; ours are only the products (and sums that do not feed one synapse), delays."""
+    from exporters.nir_exporter import NirExporter
+    from stata_deploy.config import make_config
+    from stata_deploy.model import build_model
+
+    from runtimes.lava_runtime import LavaRuntime
+
+    torch.manual_seed(0)
+    path = tmp_path / "m.nir"
+    NirExporter().export(build_model(make_config(preset)).eval(), None, path)
+    rt = LavaRuntime(path, batch=4)
+    k = rt.process_kinds
+    assert set(k) == {"lava.proc.io.Injector", "lava.proc.io.Extractor", "lava.proc.sparse.Sparse",
+                      "lava.proc.lif.LIFReset", "ours:Delay", "ours:Op2", "ours:Synapse"}, k
+    assert k["ours:Synapse"] == 1  # the head (Lava's Sparse has no bias)
+    procs = rt._builder.spec(buffer=1)["procs"]
+    ops = {p["kwargs"]["kind"] for p in procs if p["cls"] == "Op2"}
+    assert ops == ({"add"} if preset == "sdt-tiny" else {"matmul", "add"})  # SDSA's products: sums + AND LIFs
+    assert sum(len(p["inputs"]) == 2 for p in procs if p["cls"] == "lava:LIFReset") >= 2  # summed edges split
+    ours = rt._builder.spec(buffer=1, lava_procs=False)["procs"]
+    assert k["lava.proc.lif.LIFReset"] == sum(p["cls"] in ("Neuron", "SynapseNeuron") for p in ours)
+
+
 @needs_lava
 def test_fixed_point_reports_quantisation_and_accuracy_cost(tmp_path, digits):
     from exporters.nir_exporter import NirExporter
