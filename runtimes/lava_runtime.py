@@ -26,6 +26,15 @@ Lava's own processes (issue 14)
     products of two spike trains (Op2), ReLU / ternary neurons, layers of token segments whose schedule drops
     tokens at some timesteps, synapses without a LIF (residual branches), Delay, reshapes and sums.
     ``LavaRuntime.process_kinds`` counts both; ``lava_procs=False`` builds everything from ours (for comparison).
+    Also: a bias-free synapse on its own (token selection / placement) is Lava's Sparse; a LIF fed by one product
+    or sum (SSA / A2OS2A attn_lif, SDSA's spike ANDs) is Lava's LIFReset with that Op2's output scaled by r/tau;
+    a two-edge sum feeding only a Sparse -> LIF pair becomes two Sparse into the LIF's a_in (Lava sums an InPort's
+    connections). Fixed precision still builds everything from ours (Loihi-like quantisation below).
+    Cost [measured 2026-12-01, 2 shared cores idle, tests' lively spikformer-tiny models, batch 16, 32 samples,
+    best of 3 steady-state runs; all-ours -> Lava's own]: ssa 42.6 -> 46.7 ms/step, sdsa 41.0 -> 52.0, a2os2a
+    (unpruned: every standard layer Lava's) 47.1 -> 79.0; worker build 0.3 -> 1.7-2.5 s (the kron and Lava's
+    Sparse construction), compile +0.3-1.3 s. The block-diagonal Sparse holds B copies of each weight matrix and
+    multiplies one long vector, where ours multiplies one matrix by B columns.
 
 Timing (explicit)
     Like Lava's Dense, every Synapse delays by one step; all other processes are combinational. Each tensor has a
