@@ -322,6 +322,9 @@ class _Builder:
         self.quant: list[dict] = []  # fixed point: what was quantised, per layer
         self._n = 0
         self._delays: dict[tuple, _Node] = {}
+        # with Lava's own processes: a Delay of n steps as n identity Lava Sparse (Lava's DelaySparse rebuilds its
+        # delay-split matrix every step: 2.8 ms per step for 33k identity synapses, 60x a Sparse's matvec)
+        self.lava_delays = True
 
     def _name(self, base: str) -> str:
         self._n += 1
@@ -470,6 +473,15 @@ class _Builder:
         out = []
         for p in procs:
             k = p["kwargs"]
+            if p["cls"] == "Delay" and self.lava_delays:  # a chain of identity Sparse (one step each)
+                eye = sp.identity(int(np.prod(k["shape"][1:])), format="csr")
+                src = p["inputs"][0]
+                for i in range(int(k["steps"])):
+                    name = p["name"] if i == k["steps"] - 1 else f"{p['name'][:54]}.d{i}"
+                    out.append(dict(cls="lava:Sparse", name=name, inputs=[src], in_ports=["s_in"],
+                                    block_diag=int(k["shape"][0]), kwargs=dict(weights=eye, num_message_bits=24)))
+                    src = name
+                continue
             if p["cls"] == "Synapse" and k.get("bias") is None and _unmasked(k.get("mask")):
                 p = _lava_sparse(p["name"], p["inputs"], k)
             elif p["cls"] == "Neuron":

@@ -151,7 +151,8 @@ def test_standard_layers_are_lavas_own_processes(nir_files, lava_rts):
 @needs_lava
 def test_unpruned_tiny_presets_leave_ours_only_what_lava_lacks(tmp_path, preset):
     """Unpruned sdt-tiny / spikformer-tiny (no worker started): every LIF is Lava's LIFReset, every synapse but the
-    biased head Lava's Sparse; ours are only the products (and sums that do not feed one synapse), delays."""
+    biased head Lava's Sparse, every delay a chain of identity Sparse; ours are only the products (and sums that do
+    not feed one synapse)."""
     from exporters.nir_exporter import NirExporter
     from stata_deploy.config import make_config
     from stata_deploy.model import build_model
@@ -164,7 +165,7 @@ def test_unpruned_tiny_presets_leave_ours_only_what_lava_lacks(tmp_path, preset)
     rt = LavaRuntime(path, batch=4)
     k = rt.process_kinds
     assert set(k) == {"lava.proc.io.Injector", "lava.proc.io.Extractor", "lava.proc.sparse.Sparse",
-                      "lava.proc.lif.LIFReset", "ours:Delay", "ours:Op2", "ours:Synapse"}, k
+                      "lava.proc.lif.LIFReset", "ours:Op2", "ours:Synapse"}, k  # delays: chains of Lava Sparse
     assert k["ours:Synapse"] == 1  # the head (Lava's Sparse has no bias)
     procs = rt._builder.spec(buffer=1)["procs"]
     ops = {p["kwargs"]["kind"] for p in procs if p["cls"] == "Op2"}
