@@ -9,9 +9,9 @@ How the network is built
     IR of ops; ``lower_graph`` maps each op through the table ``LOWER`` onto processes of ``runtimes.lava_procs``
     (numpy-only process models): Affine / Conv2d / SumPool2d -> ``Synapse`` (BatchNorm is already folded; a 3x3 conv
     or a pool is an unrolled sparse matrix, a 1x1 conv a per-token matmul, because Lava's ``Conv`` runs ~1 s/step in
-    Python), LIF -> ``Neuron`` (the SpikingJelly form that fires at H >= V_th: Lava's own LIF fires at v > vth and
-    would flip exact ties, which SSA's 0.125-scaled integer inputs hit all the time), Flatten / summed edges / port
-    masks -> ``Op1`` / ``Op2``, and the host operations NIR cannot express (SSA's (Q K^T) V, A2OS2A's ReLU K,
+    Python), LIF -> ``Neuron`` (fires at H >= the next float64 above NIR's v_threshold, i.e. NIR's v > v_threshold;
+    in float precision the spec moves the standard parts onto Lava's own processes, below), Flatten / summed edges /
+    port masks -> ``Op1`` / ``Op2``, and the host operations NIR cannot express (SSA's (Q K^T) V, A2OS2A's ReLU K,
     ternary V and Q (K^T V)) -> ``Op2`` matmuls and ``Neuron`` s. A Synapse whose only consumer is one Neuron is fused
     with it (``SynapseNeuron``: same timing, fewer processes). An ``Injector`` streams the input and one
     ``Extractor`` per neuron layer streams its spikes out (no ``Var.get``). Every port carries a batch of ``batch``
@@ -23,18 +23,22 @@ Lava's own processes (issue 14)
     scaled by r/tau, vth = the file's v_threshold (Lava's strict ``>`` is NIR's rule), reset every T steps at the
     layer's model timestep 0; the batch is flattened sample-major into a block-diagonal kron(I_B, W) on (B * N,)
     (the worker connects (B, ...) ports of ours through Lava ReshapePorts). Ours stay for what lava.proc lacks:
-    products of two spike trains (Op2), ReLU / ternary neurons, layers of token segments whose schedule drops
-    tokens at some timesteps, synapses without a LIF (residual branches), Delay, reshapes and sums.
+    products of two spike trains (Op2 matmul), ReLU / ternary neurons, layers of token segments whose schedule
+    drops tokens at some timesteps (no input, no bias then), biased synapses without a LIF (the head: Lava's
+    Sparse has no bias), reshapes and the sums not split as below.
     ``LavaRuntime.process_kinds`` counts both; ``lava_procs=False`` builds everything from ours (for comparison).
     Also: a bias-free synapse on its own (token selection / placement) is Lava's Sparse; a LIF fed by one product
     or sum (SSA / A2OS2A attn_lif, SDSA's spike ANDs) is Lava's LIFReset with that Op2's output scaled by r/tau;
     a two-edge sum feeding only a Sparse -> LIF pair becomes two Sparse into the LIF's a_in (Lava sums an InPort's
     connections). Fixed precision still builds everything from ours (Loihi-like quantisation below).
-    Cost [measured 2026-12-01, 2 shared cores idle, tests' lively spikformer-tiny models, batch 16, 32 samples,
-    best of 3 steady-state runs; all-ours -> Lava's own]: ssa 42.6 -> 46.7 ms/step, sdsa 41.0 -> 52.0, a2os2a
-    (unpruned: every standard layer Lava's) 47.1 -> 79.0; worker build 0.3 -> 1.7-2.5 s (the kron and Lava's
-    Sparse construction), compile +0.3-1.3 s. The block-diagonal Sparse holds B copies of each weight matrix and
-    multiplies one long vector, where ours multiplies one matrix by B columns.
+    Delays: a Delay of n steps is n identity Lava Sparse (Lava's DelaySparse rebuilds its delay-split matrix every
+    step: 2.8 ms for 33k identity synapses, 60x a Sparse's matvec).
+    Cost [measured 2026-12-01, 2 cores otherwise idle, the tests' lively spikformer-tiny models, batch 16, 32
+    samples, best of 4 steady-state runs (runs vary by up to 30%); all ours -> Lava's own]: ssa 48.2 -> 46.1
+    ms/step (75 -> 92 processes), sdsa 44.2 -> 69.9 (80 -> 107), a2os2a (unpruned) 50.8 -> 70.4 (83 -> 110); worker
+    build 0.2-0.35 -> 1.5-2.5 s (the kron and Lava's Sparse construction); compile unchanged (2.5-3.2 s). The
+    block-diagonal Sparse holds B copies of each weight matrix and multiplies one long vector, where ours multiplies
+    one matrix by B columns; each delay step is one more process.
 
 Timing (explicit)
     Like Lava's Dense, every Synapse delays by one step; all other processes are combinational. Each tensor has a
