@@ -115,8 +115,6 @@ def test_standard_layers_are_lavas_own_processes(nir_files, lava_rts):
     """Issue 14: every synapse -> LIF pair that Lava's own processes express exactly (no dropped tokens in its
     schedule, zero leak / reset) is lava.proc.sparse.Sparse -> lava.proc.lif.LIFReset; ours remain only for the rest
     (products, ReLU / ternary neurons, masked token layers, delays, reshapes, sums)."""
-    import numpy as np
-
     for att, rt in lava_rts.items():
         kinds = rt.process_kinds
         assert kinds["lava.proc.sparse.Sparse"] >= 8 and kinds["lava.proc.lif.LIFReset"] >= 8, (att, kinds)
