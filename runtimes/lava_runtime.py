@@ -9,13 +9,36 @@ How the network is built
     IR of ops; ``lower_graph`` maps each op through the table ``LOWER`` onto processes of ``runtimes.lava_procs``
     (numpy-only process models): Affine / Conv2d / SumPool2d -> ``Synapse`` (BatchNorm is already folded; a 3x3 conv
     or a pool is an unrolled sparse matrix, a 1x1 conv a per-token matmul, because Lava's ``Conv`` runs ~1 s/step in
-    Python), LIF -> ``Neuron`` (the SpikingJelly form that fires at H >= V_th: Lava's own LIF fires at v > vth and
-    would flip exact ties, which SSA's 0.125-scaled integer inputs hit all the time), Flatten / summed edges / port
-    masks -> ``Op1`` / ``Op2``, and the host operations NIR cannot express (SSA's (Q K^T) V, A2OS2A's ReLU K,
+    Python), LIF -> ``Neuron`` (fires at H >= the next float64 above NIR's v_threshold, i.e. NIR's v > v_threshold;
+    in float precision the spec moves the standard parts onto Lava's own processes, below), Flatten / summed edges /
+    port masks -> ``Op1`` / ``Op2``, and the host operations NIR cannot express (SSA's (Q K^T) V, A2OS2A's ReLU K,
     ternary V and Q (K^T V)) -> ``Op2`` matmuls and ``Neuron`` s. A Synapse whose only consumer is one Neuron is fused
     with it (``SynapseNeuron``: same timing, fewer processes). An ``Injector`` streams the input and one
     ``Extractor`` per neuron layer streams its spikes out (no ``Var.get``). Every port carries a batch of ``batch``
     samples (parallel copies): one build serves every sample.
+
+Lava's own processes (issue 14)
+    In float precision, each fused Synapse -> LIF pair that Lava expresses exactly runs on Lava's own
+    ``lava.proc.sparse.Sparse`` -> ``lava.proc.lif.LIFReset`` (``_lava_pair``): du = 1, dv = 1/tau, weights and bias
+    scaled by r/tau, vth = the file's v_threshold (Lava's strict ``>`` is NIR's rule), reset every T steps at the
+    layer's model timestep 0; the batch is flattened sample-major into a block-diagonal kron(I_B, W) on (B * N,)
+    (the worker connects (B, ...) ports of ours through Lava ReshapePorts). Ours stay for what lava.proc lacks:
+    products of two spike trains (Op2 matmul), ReLU / ternary neurons, layers of token segments whose schedule
+    drops tokens at some timesteps (no input, no bias then), biased synapses without a LIF (the head: Lava's
+    Sparse has no bias), reshapes and the sums not split as below.
+    ``LavaRuntime.process_kinds`` counts both; ``lava_procs=False`` builds everything from ours (for comparison).
+    Also: a bias-free synapse on its own (token selection / placement) is Lava's Sparse; a LIF fed by one product
+    or sum (SSA / A2OS2A attn_lif, SDSA's spike ANDs) is Lava's LIFReset with that Op2's output scaled by r/tau;
+    a two-edge sum feeding only a Sparse -> LIF pair becomes two Sparse into the LIF's a_in (Lava sums an InPort's
+    connections). Fixed precision still builds everything from ours (Loihi-like quantisation below).
+    Delays: a Delay of n steps is n identity Lava Sparse (Lava's DelaySparse rebuilds its delay-split matrix every
+    step: 2.8 ms for 33k identity synapses, 60x a Sparse's matvec).
+    Cost [measured 2026-12-01, 2 cores otherwise idle, the tests' lively spikformer-tiny models, batch 16, 32
+    samples, best of 4 steady-state runs (runs vary by up to 30%); all ours -> Lava's own]: ssa 48.2 -> 46.1
+    ms/step (75 -> 92 processes), sdsa 44.2 -> 69.9 (80 -> 107), a2os2a (unpruned) 50.8 -> 70.4 (83 -> 110); worker
+    build 0.2-0.35 -> 1.5-2.5 s (the kron and Lava's Sparse construction); compile unchanged (2.5-3.2 s). The
+    block-diagonal Sparse holds B copies of each weight matrix and multiplies one long vector, where ours multiplies
+    one matrix by B columns; each delay step is one more process.
 
 Timing (explicit)
     Like Lava's Dense, every Synapse delays by one step; all other processes are combinational. Each tensor has a
@@ -71,7 +94,7 @@ from stata_deploy.neurons import TAU, V_RESET, V_TH
 from stata_deploy.results import RunResult
 from stata_deploy.runtime_api import Runtime
 
-from runtimes.lava_worker import SPEC_FORMAT, SPEC_TAGS, TAG_ARRAY, TAG_CSR, TAG_TUPLE, TEMP_PREFIX
+from runtimes.lava_worker import LAVA_MODULES, SPEC_FORMAT, SPEC_TAGS, TAG_ARRAY, TAG_CSR, TAG_TUPLE, TEMP_PREFIX
 from runtimes.nir_graph import NirFormatError
 
 PRECISIONS = ("float", "fixed")
@@ -303,6 +326,9 @@ class _Builder:
         self.quant: list[dict] = []  # fixed point: what was quantised, per layer
         self._n = 0
         self._delays: dict[tuple, _Node] = {}
+        # with Lava's own processes: a Delay of n steps as n identity Lava Sparse (Lava's DelaySparse rebuilds its
+        # delay-split matrix every step: 2.8 ms per step for 33k identity synapses, 60x a Sparse's matvec)
+        self.lava_delays = True
 
     def _name(self, base: str) -> str:
         self._n += 1
@@ -394,13 +420,26 @@ class _Builder:
         self.records[key] = (x.name, x.lag, x.shape)
         self.layouts[key] = layout
 
-    def spec(self, buffer: int, fuse: bool = True) -> dict:
-        procs = self._fused() if fuse else self.procs
+    def spec(self, buffer: int, fuse: bool = True, lava_procs: bool = True) -> dict:
+        """The worker's spec. fuse: Synapse -> Neuron pairs become one process; lava_procs: standard pairs (see
+        ``_lava_pair``) become Lava's own ``Sparse`` + ``LIFReset`` (float precision only)."""
+        procs = self._fused(lava_procs and self.precision == "float") if fuse else self.procs
         return dict(T=self.T, batch=self.B, input_shape=self.input_shape, procs=procs, records=self.records,
                     buffer=buffer)
 
-    def _fused(self) -> list[dict]:
-        """Fuse each Synapse whose only consumer is one Neuron into a SynapseNeuron process (same timing)."""
+    def process_kinds(self, **spec_kw) -> dict[str, int]:
+        """Counts of the built network's processes by kind: ``lava.proc.<module>.<Class>`` for Lava's own
+        processes (the Injector and the Extractors included), ``ours:<Class>`` for runtimes.lava_procs."""
+        kinds: dict[str, int] = {"lava.proc.io.Injector": 1, "lava.proc.io.Extractor": len(self.records)}
+        for p in self.spec(buffer=1, **spec_kw)["procs"]:
+            c = p["cls"]
+            k = f"lava.proc.{LAVA_MODULES[c[5:]].split('.')[2]}.{c[5:]}" if c.startswith("lava:") else f"ours:{c}"
+            kinds[k] = kinds.get(k, 0) + 1
+        return kinds
+
+    def _fused(self, lava: bool = False) -> list[dict]:
+        """Fuse each Synapse whose only consumer is one Neuron into a SynapseNeuron process (same timing), or, with
+        ``lava`` and when ``_lava_pair`` accepts it, into Lava's own Sparse + LIFReset (same timing)."""
         consumers: dict[str, int] = {}
         for p in self.procs:
             for i in p["inputs"]:
@@ -414,14 +453,165 @@ class _Builder:
             if s is not None and s["cls"] == "Synapse" and consumers.get(s["name"]) == 1:
                 gone.add(s["name"])
                 neu = {**dict(tau_steps=TAU, r=1.0, v_leak=V_RESET, v_th=V_TH, v_reset=V_RESET), **p["kwargs"]}
+                pair = _lava_pair(s, p["name"], neu) if lava else None
+                if pair is not None:
+                    out.extend(pair)
+                    continue
                 p = dict(cls="SynapseNeuron", name=p["name"], inputs=s["inputs"], in_ports=["s_in"],
                          kwargs=dict(syn=s["kwargs"], neu=neu))
             out.append(p)
-        return [p for p in out if p["name"] not in gone]
+        out = [p for p in out if not (p["cls"] == "Synapse" and p["name"] in gone)]
+        return self._to_lava(out) if lava else out
+
+    def _to_lava(self, procs: list[dict]) -> list[dict]:
+        """After fusing: a bias-free Synapse on its own (token selections, placements) -> Lava's ``Sparse``; a LIF
+        Neuron fed only by one Op2 (an attention product, a sum) -> Lava's ``LIFReset`` with the Op2's output
+        scaled by r/tau (``_lava_lif``; exact for tau = 2 and the dyadic values SSA's ties need)."""
+        consumers: dict[str, int] = {}
+        for p in procs:
+            for i in p["inputs"]:
+                consumers[i] = consumers.get(i, 0) + 1
+        for src, _, _ in self.records.values():
+            consumers[src] = consumers.get(src, 0) + 1
+        by_name = {p["name"]: p for p in procs}
+        out = []
+        for p in procs:
+            k = p["kwargs"]
+            if p["cls"] == "Delay" and self.lava_delays:  # a chain of identity Sparse (one step each)
+                eye = sp.identity(int(np.prod(k["shape"][1:])), format="csr")
+                src = p["inputs"][0]
+                for i in range(int(k["steps"])):
+                    name = p["name"] if i == k["steps"] - 1 else f"{p['name'][:54]}.d{i}"
+                    out.append(dict(cls="lava:Sparse", name=name, inputs=[src], in_ports=["s_in"],
+                                    block_diag=int(k["shape"][0]), kwargs=dict(weights=eye, num_message_bits=24)))
+                    src = name
+                continue
+            if p["cls"] == "Synapse" and k.get("bias") is None and _unmasked(k.get("mask")):
+                p = _lava_sparse(p["name"], p["inputs"], k)
+            elif p["cls"] == "Neuron":
+                src = by_name.get(p["inputs"][0])
+                neu = {**dict(tau_steps=TAU, r=1.0, v_leak=V_RESET, v_th=V_TH, v_reset=V_RESET), **k}
+                lif = _lava_lif(p["name"], p["inputs"], neu, None, int(k["T"]), int(k["lag"])) \
+                    if src is not None and src["cls"] == "Op2" and consumers.get(src["name"]) == 1 else None
+                if lif is not None:
+                    src["kwargs"] = {**src["kwargs"], "out_scale": lif.pop("scale")}
+                    p = lif
+            out.append(p)
+        return self._split_sums(out)
+
+    def _split_sums(self, procs: list[dict]) -> list[dict]:
+        """A sum of two edges (Op2 add) feeding only a Lava Sparse -> LIFReset pair: W (a + b) = W a + W b, two
+        Sparse (one per edge, both already delay-matched) into the LIF's one ``a_in`` (Lava sums the connections
+        of an InPort). Removes our add; equal up to float rounding of the sum order (no ties there: real weights)."""
+        consumers: dict[str, list] = {}
+        for p in procs:
+            for i in p["inputs"]:
+                consumers.setdefault(i, []).append(p)
+        recorded = {src for src, _, _ in self.records.values()}
+        by_name = {p["name"]: p for p in procs}
+        drop, out = set(), []
+        for p in procs:
+            if p["cls"] == "lava:Sparse" and p["name"] not in recorded:
+                add = by_name.get(p["inputs"][0])
+                users = consumers.get(p["name"], [])
+                if add is not None and add["cls"] == "Op2" and add["kwargs"]["kind"] == "add" \
+                        and add["kwargs"].get("mask") is None and add["kwargs"].get("out_scale", 1.0) == 1.0 \
+                        and add["name"] not in recorded and len(consumers.get(add["name"], [])) == 1 \
+                        and len(users) == 1 and users[0]["cls"] == "lava:LIFReset" and len(users[0]["inputs"]) == 1:
+                    drop.add(add["name"])
+                    second = {**p, "name": p["name"][:57] + ".b", "inputs": [add["inputs"][1]]}
+                    out += [{**p, "inputs": [add["inputs"][0]]}, second]
+                    lif = users[0]
+                    lif["inputs"] = [p["name"], second["name"]]
+                    lif["in_ports"] = ["a_in", "a_in"]
+                    continue
+            out.append(p)
+        return [p for p in out if p["name"] not in drop]
 
     @property
     def depth(self) -> int:
         return max(lag for _, lag, _ in self.records.values())
+
+# ------------------------------------------------------------------------- Lava's own processes (lava.proc)
+
+
+def _synapse_matrix(k: dict) -> sp.csr_matrix:
+    """A Synapse's weight as one sparse (Dout, Din) matrix on the flattened sample (C order)."""
+    w, mode = k["weight"], k["mode"]
+    in_shape, out_shape = k["in_shape"][1:], k["out_shape"][1:]
+    if mode == "sparse":
+        return sp.csr_matrix(w)
+    if mode == "cf":  # (Co, Ci) over axis 0 of (Ci, n...): y[co, j] = sum_ci W[co, ci] x[ci, j]
+        n = int(np.prod(in_shape[1:]))
+        return sp.kron(sp.csr_matrix(w), sp.identity(n, format="csr"), format="csr")
+    # affine: (..., out, in) over the last axis, leading axes per position
+    P = int(np.prod(in_shape[:-1]))
+    wb = np.broadcast_to(w, (*in_shape[:-1], *w.shape[-2:])).reshape(P, *w.shape[-2:])
+    if all(np.array_equal(wb[0], wi) for wi in wb[1:]):
+        return sp.kron(sp.identity(P, format="csr"), sp.csr_matrix(wb[0]), format="csr")
+    return sp.block_diag([sp.csr_matrix(wi) for wi in wb], format="csr")
+
+
+def _scalar(v):
+    a = np.asarray(v, dtype=np.float64)
+    return float(a.flat[0]) if a.size and (a == a.flat[0]).all() else None
+
+
+def _unmasked(m) -> bool:
+    return m is None or bool(np.asarray(m).all())
+
+
+def _lava_sparse(name: str, inputs, k: dict, c: float = 1.0) -> dict:
+    """Lava's ``Sparse`` for a Synapse's weight (times c) on the flattened batch: block-diagonal kron(I_B, W),
+    sample-major. The spec holds the per-sample W and ``block_diag`` = B; the worker builds the kron (a spec B
+    times smaller: the block-diagonal matrix holds B copies of every weight)."""
+    W = (_synapse_matrix(k) * c).tocsr()
+    W.sum_duplicates()
+    W.sort_indices()
+    return dict(cls="lava:Sparse", name=name, inputs=list(inputs), in_ports=["s_in"], block_diag=int(k["in_shape"][0]),
+                kwargs=dict(weights=W, num_message_bits=24))  # graded input (the stem sees real-valued pixels)
+
+
+def _lava_lif(name, inputs, neu: dict, bias, T: int, lag: int) -> dict | None:
+    """Our LIF Neuron as Lava's ``LIFReset`` (its input must come scaled by the returned ``scale`` = r/tau), or
+    None when Lava's LIF cannot express it (see ``_lava_pair``)."""
+    if neu.get("kind", "lif") != "lif" or neu.get("dtype", "float64") != "float64" or neu.get("grid", 0.0):
+        return None
+    if not _unmasked(neu.get("mask")):
+        return None
+    tau, r, vl, vth, vr = (_scalar(neu[q]) for q in ("tau_steps", "r", "v_leak", "v_th", "v_reset"))
+    if None in (tau, r, vl, vr, vth) or vl != 0.0 or vr != 0.0 or tau < 1.0:
+        return None
+    vth = float(np.nextafter(vth, -np.inf))  # back to the file's v_threshold (v > vth)
+    n = int(np.prod(neu["shape"]))
+    return dict(cls="lava:LIFReset", name=name, inputs=list(inputs), in_ports=["a_in"], scale=r / tau,
+                kwargs=dict(shape=(n,), du=1.0, dv=1.0 / tau, bias_mant=0.0 if bias is None else bias, vth=vth,
+                            reset_interval=T, reset_offset=(1 + lag) % T))
+
+
+def _lava_pair(syn: dict, name: str, neu: dict) -> list[dict] | None:
+    """A fused Synapse -> LIF pair as Lava's own ``Sparse`` -> ``LIFReset``, or None when Lava's processes cannot
+    express it exactly (token mask with dropped tokens, a non-LIF neuron, per-neuron decay / threshold, a leak or
+    reset potential other than 0, fixed point or float32 arithmetic).
+
+    Lava's LIF: ``u = u(1-du) + a_in; v = v(1-dv) + u + bias; s = v > vth; v = 0 if s``. With du = 1, dv = 1/tau,
+    weights and bias scaled by r/tau it is our ``H = V + (r X - V) / tau`` (for tau = 2 bit for bit); its strict
+    ``>`` is NIR's rule, so vth is the file's v_threshold (our Neuron's v_th is the next float64 above it). The
+    batch is flattened sample-major: the Sparse is block-diagonal kron(I_B, W) on (B * Din,) -> (B * Dout,).
+    Timing: Sparse delays one step like our Synapse; LIFReset zeroes u and v at Lava time_step % T ==
+    (1 + lag) % T, i.e. at model timestep 0 of each chunk (the bias from Lava's step 0 only touches chunk -1,
+    which no record reads)."""
+    k = syn["kwargs"]
+    if not _unmasked(k.get("mask")):
+        return None
+    lif = _lava_lif(name, [syn["name"]], neu, None, int(k["T"]), int(k["lag"]))
+    if lif is None:
+        return None
+    c = lif.pop("scale")
+    if k.get("bias") is not None:
+        lif["kwargs"]["bias_mant"] = \
+            np.broadcast_to(np.asarray(k["bias"], dtype=np.float64) * c, k["out_shape"]).reshape(-1).copy()
+    return [_lava_sparse(syn["name"], syn["inputs"], k, c), lif]
 
 # ------------------------------------------------------------------------------------------- lowering
 def _conv_matrix(w: np.ndarray, in_shape, stride, padding, dilation, groups) -> tuple[sp.csr_matrix, tuple]:
@@ -627,12 +817,13 @@ class LavaRuntime(Runtime):
     accepts = ("precision", "timeout")
 
     def __init__(self, path, precision: str = "float", timeout: float = 600.0, batch: int | None = None,
-                 dtype: str = "float64", **options):
+                 dtype: str = "float64", lava_procs: bool = True, **options):
         """precision: 'float' | 'fixed'; timeout: seconds any single answer of the simulation may take (build,
         compile, or one run call) before its process group is killed; batch: samples simulated in parallel (one
         network build; a run of B samples streams ceil(B / batch) chunks); dtype: neuron arithmetic in float mode.
         Other options the CLI passes (hardware, threads) do not change the simulation: energy is computed from the
-        returned spikes by the shared counter."""
+        returned spikes by the shared counter. lava_procs: build the standard layers (synapse + LIF pairs) on Lava's
+        own ``Sparse`` + ``LIFReset`` where they are exact (float precision; see ``_lava_pair``); False: all ours."""
         super().__init__(path)
         if precision not in PRECISIONS:
             raise StataError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
@@ -650,6 +841,9 @@ class LavaRuntime(Runtime):
         self._builder = lower_graph(self.graph, self.batch, precision, dtype)
         self.lower_seconds = time.perf_counter() - t0
         self.depth = self._builder.depth  # steps from input to logits
+        self.lava_procs = bool(lava_procs)
+        # which processes of the built network are Lava's own ("lava.proc.sparse.Sparse": n) and which ours
+        self.process_kinds = self._builder.process_kinds(lava_procs=self.lava_procs)
         self.quantisation = self._builder.quant
         self._worker: _Worker | None = None
         self.last_worker: _Worker | None = None  # kept after a kill (tests check its process group and memory)
@@ -662,7 +856,8 @@ class LavaRuntime(Runtime):
     def _ensure_worker(self) -> "_Worker":
         if self._worker is None or not self._worker.alive:
             t0 = time.perf_counter()
-            spec = self._builder.spec(buffer=4)  # the host reads every Extractor once per step: 4 slots suffice
+            # the host reads every Extractor once per step: 4 slots suffice
+            spec = self._builder.spec(buffer=4, lava_procs=self.lava_procs)
             self._worker = self.last_worker = _Worker(spec, self.timeout)
             self._finalizer.detach()
             self._finalizer = weakref.finalize(self, _Runtime_cleanup, [self._worker])

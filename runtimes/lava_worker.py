@@ -194,6 +194,35 @@ def _hang(folder: str | None) -> None:
         time.sleep(3600)
 
 
+LAVA_MODULES = {  # spec cls "lava:<Class>" -> the lava.proc module defining it (runtimes.lava_runtime.LAVA_CLASSES)
+    "Sparse": "lava.proc.sparse.process",
+    "Dense": "lava.proc.dense.process",
+    "LIF": "lava.proc.lif.process",
+    "LIFReset": "lava.proc.lif.process",
+}
+
+
+def _process_class(name: str, ours):
+    """A spec's ``cls``: "lava:<Class>" is Lava's own process (lava.proc), any other name one of ``ours``
+    (runtimes.lava_procs)."""
+    if name.startswith("lava:"):
+        import importlib
+
+        cls = name[5:]
+        if cls not in LAVA_MODULES:
+            raise ValueError(f"unknown Lava process {name!r} (known: {', '.join(LAVA_MODULES)})")
+        return getattr(importlib.import_module(LAVA_MODULES[cls]), cls)
+    return getattr(ours, name)
+
+
+def _connect(out_port, in_port) -> None:
+    """Connect, through a virtual ReshapePort when the shapes differ (Lava's processes are 1-D (B * N,), ours
+    carry (B, ...)): both flatten in C order, sample-major."""
+    if tuple(out_port.shape) != tuple(in_port.shape):
+        out_port = out_port.reshape(tuple(in_port.shape))
+    out_port.connect(in_port)
+
+
 class Network:
     def __init__(self, spec: dict):
         from lava.proc.io.extractor import Extractor
@@ -207,15 +236,21 @@ class Network:
         self.inj = Injector(shape=(self.Bc, *spec["input_shape"]), buffer_size=spec["buffer"])
         self.procs["input"] = self.inj
         for p in spec["procs"]:
-            cls = getattr(lava_procs, p["cls"])
-            proc = cls(**p["kwargs"], name=p["name"])
+            kwargs = p["kwargs"]
+            if p.get("block_diag"):  # Lava's Sparse over the flattened batch: kron(I_B, W), sample-major
+                import scipy.sparse as sp  # a Lava dependency
+
+                W = sp.kron(sp.identity(p["block_diag"], format="csr"), kwargs["weights"], format="csr")
+                W.sort_indices()
+                kwargs = {**kwargs, "weights": W}
+            proc = _process_class(p["cls"], lava_procs)(**kwargs, name=p["name"])
             self.procs[p["name"]] = proc
             for port, src in zip(p["in_ports"], p["inputs"]):
-                self._out_port(src).connect(getattr(proc, port))
+                _connect(self._out_port(src), getattr(proc, port))
         self.ext = {}
         for key, (src, lag, shape) in spec["records"].items():
             e = Extractor(shape=(self.Bc, *shape), buffer_size=spec["buffer"])
-            self._out_port(src).connect(e.in_port)
+            _connect(self._out_port(src), e.in_port)
             self.ext[key] = (e, lag)
         self.max_lag = max(lag for _, lag in self.ext.values())
         self.started = False

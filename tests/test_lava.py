@@ -111,6 +111,69 @@ def test_parity_with_torch_every_layer_and_sops(nir_files, lava_rts, digits, att
 
 
 @needs_lava
+def test_standard_layers_are_lavas_own_processes(nir_files, lava_rts):
+    """Issue 14: every synapse -> LIF pair that Lava's own processes express exactly (no dropped tokens in its
+    schedule, zero leak / reset) is lava.proc.sparse.Sparse -> lava.proc.lif.LIFReset; ours remain only for the rest
+    (products, ReLU / ternary neurons, masked token layers, delays, reshapes, sums)."""
+    for att, rt in lava_rts.items():
+        kinds = rt.process_kinds
+        assert kinds["lava.proc.sparse.Sparse"] >= 8 and kinds["lava.proc.lif.LIFReset"] >= 8, (att, kinds)
+        assert kinds["lava.proc.io.Injector"] == 1 and kinds["lava.proc.io.Extractor"] == len(rt._builder.records)
+        assert set(kinds) - {"lava.proc.io.Injector", "lava.proc.io.Extractor", "lava.proc.sparse.Sparse",
+                             "lava.proc.lif.LIFReset"} <= {f"ours:{c}" for c in
+                                                           ("Synapse", "Neuron", "SynapseNeuron", "Op1", "Op2",
+                                                            "Delay")}
+        procs = rt._builder.spec(buffer=1)["procs"]
+        for p in procs:  # a fused pair left ours is a ReLU / ternary neuron or a layer with dropped tokens
+            if p["cls"] == "SynapseNeuron":
+                neu, syn = p["kwargs"]["neu"], p["kwargs"]["syn"]
+                masked = any(m is not None and not np.asarray(m).all() for m in (neu["mask"], syn["mask"]))
+                assert neu["kind"] != "lif" or masked, (att, p["name"])
+            if p["cls"] == "Neuron":  # an unfused neuron left ours: not a LIF, or masked, or not fed by one product
+                masked = p["kwargs"]["mask"] is not None and not np.asarray(p["kwargs"]["mask"]).all()
+                assert p["kwargs"]["kind"] != "lif" or masked, (att, p["name"])
+            if p["cls"] == "Synapse":  # a lone synapse left ours has a bias (Lava's Sparse has none) or a mask
+                assert p["kwargs"]["bias"] is not None or p["kwargs"]["mask"] is not None, (att, p["name"])
+        by_name = {p["name"]: p for p in procs}
+        pairs = sum(p["cls"] == "lava:LIFReset" and by_name[p["inputs"][0]]["cls"] == "lava:Sparse" for p in procs)
+        assert sum(p["cls"] == "SynapseNeuron" for p in procs) + pairs == \
+            sum(p["cls"] == "SynapseNeuron" for p in rt._builder.spec(buffer=1, lava_procs=False)["procs"])
+        stem = [p for p in procs if ".stem." in p["name"] or p["name"].split("_", 1)[1].startswith("stem")]
+        assert stem and all(p["cls"].startswith("lava:") for p in stem), (att, [p["cls"] for p in stem])
+        lifs = [p for p in procs if p["cls"] == "lava:LIFReset"]
+        # tau = 2 (SDSA's spike ANDs: tau = 1, a memoryless threshold)
+        assert all(p["kwargs"]["du"] == 1.0 and p["kwargs"]["dv"] in (0.5, 1.0) for p in lifs)
+
+
+@pytest.mark.parametrize("preset", ["sdt-tiny", "spikformer-tiny"])
+@needs_lava
+def test_unpruned_tiny_presets_leave_ours_only_what_lava_lacks(tmp_path, preset):
+    """Unpruned sdt-tiny / spikformer-tiny (no worker started): every LIF is Lava's LIFReset, every synapse but the
+    biased head Lava's Sparse, every delay a chain of identity Sparse; ours are only the products (and sums that do
+    not feed one synapse)."""
+    from exporters.nir_exporter import NirExporter
+    from stata_deploy.config import make_config
+    from stata_deploy.model import build_model
+
+    from runtimes.lava_runtime import LavaRuntime
+
+    torch.manual_seed(0)
+    path = tmp_path / "m.nir"
+    NirExporter().export(build_model(make_config(preset)).eval(), None, path)
+    rt = LavaRuntime(path, batch=4)
+    k = rt.process_kinds
+    assert set(k) == {"lava.proc.io.Injector", "lava.proc.io.Extractor", "lava.proc.sparse.Sparse",
+                      "lava.proc.lif.LIFReset", "ours:Op2", "ours:Synapse"}, k  # delays: chains of Lava Sparse
+    assert k["ours:Synapse"] == 1  # the head (Lava's Sparse has no bias)
+    procs = rt._builder.spec(buffer=1)["procs"]
+    ops = {p["kwargs"]["kind"] for p in procs if p["cls"] == "Op2"}
+    assert ops == ({"add"} if preset == "sdt-tiny" else {"matmul", "add"})  # SDSA's products: sums + AND LIFs
+    assert sum(len(p["inputs"]) == 2 for p in procs if p["cls"] == "lava:LIFReset") >= 2  # summed edges split
+    ours = rt._builder.spec(buffer=1, lava_procs=False)["procs"]
+    assert k["lava.proc.lif.LIFReset"] == sum(p["cls"] in ("Neuron", "SynapseNeuron") for p in ours)
+
+
+@needs_lava
 def test_fixed_point_reports_quantisation_and_accuracy_cost(tmp_path, digits):
     from exporters.nir_exporter import NirExporter
     from stata_deploy.inference import run_torch

@@ -220,13 +220,15 @@ class PyOp1Model(PyLoihiProcessModel):
 
 
 class Op2(AbstractProcess):
-    """out = KERNELS[kind](params, t, a, b), combinational (attention products, residual adds)."""
+    """out = KERNELS[kind](params, t, a, b) * out_scale, combinational (attention products, residual adds).
+    out_scale: r / tau of a Lava LIF it feeds (Lava's LIF integrates its input unscaled)."""
 
-    def __init__(self, *, kind, a_shape, b_shape, out_shape, params=None, T=1, lag=0, mask=None, **kw):
+    def __init__(self, *, kind, a_shape, b_shape, out_shape, params=None, T=1, lag=0, mask=None, out_scale=1.0,
+                 **kw):
         if kind not in KERNELS:
             raise ValueError(f"unknown op kind {kind!r}")
         super().__init__(kind=kind, params=dict(params or {}), T=int(T), lag=int(lag), out_shape=tuple(out_shape),
-                         mask=mask, token_axis=-1, **kw)
+                         mask=mask, token_axis=-1, out_scale=float(out_scale), **kw)
         self.in0 = InPort(shape=tuple(a_shape))
         self.in1 = InPort(shape=tuple(b_shape))
         self.out = OutPort(shape=tuple(out_shape))
@@ -244,6 +246,8 @@ class PyOp2Model(PyLoihiProcessModel):
         t = _model_t(self)
         y = KERNELS[p["kind"]](p["params"], t, self.in0.recv(), self.in1.recv())
         y = np.asarray(y, dtype=float).reshape(p["out_shape"])
+        if p["out_scale"] != 1.0:
+            y = y * p["out_scale"]
         m = _token_mask(p, t, y.ndim)
         self.out.send(y if m is None else y * m)
 
