@@ -157,11 +157,21 @@ class _StaticGraph(nn.Module):
         return torch.cat([torch.index_select(xt, 2, getattr(self, f"{prefix}{sp.site}_t{t}"))
                           for t, xt in enumerate(torch.split(x, 1, 0))], 0)
 
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``net.tokens`` in ops whose shapes ONNX shape inference can follow (``_constant_shapes``): the anchor
+        rows are ones of shape (T, B, 1, 1) times the anchor (exact), not an Expand to a computed shape."""
+        net = self.net
+        x = net.stem(net.encode(x))  # (T, B, N, D)
+        if net.anchor is None:
+            return x
+        ones = torch.ones_like(x[:, :, :1, :1])
+        return torch.cat([ones * net.anchor, x], 2)
+
     def forward(self, x: torch.Tensor):
         net, cfg = self.net, self.cfg
         self.sink.clear()
-        x = net.tokens(x)  # (T, B, N, D)
-        N = x.shape[2]
+        x = self._tokens(x)  # (T, B, N, D)
+        N = self.plan.n_full if self.plan is not None else cfg.num_tokens
         n_fixed = 1 if cfg.anchor else 0
         index: TokenIndex | None = None
         sites = self.plan.sites if self.plan is not None else {}
@@ -196,6 +206,124 @@ class _DynamicGraph(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- export
+def _inferred_dims(proto, batch: int) -> dict[str, list[int | None]]:
+    """Output dims of every node for a concrete batch size (ONNX shape inference with data propagation on a light
+    copy of the graph: float initializers become typed inputs, so no weight is copied)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    inputs = []
+    for i in proto.graph.input:
+        dims = [batch if (d.dim_param or not d.HasField("dim_value")) else d.dim_value
+                for d in i.type.tensor_type.shape.dim]
+        inputs.append(helper.make_tensor_value_info(i.name, i.type.tensor_type.elem_type, dims))
+    small = []
+    for t in proto.graph.initializer:
+        if t.data_type in (TensorProto.INT64, TensorProto.INT32) and np.prod(t.dims, dtype=np.int64) <= 64:
+            small.append(t)
+        else:
+            inputs.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    nodes, folded = _fold_index_constants(proto, small)
+    graph = helper.make_graph(nodes, "shapes", inputs, [], initializer=small + folded)
+    light = helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
+    inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+    out = {}
+    for v in inferred.graph.value_info:
+        if v.type.tensor_type.HasField("shape"):
+            out[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+    return out
+
+
+def _fold_index_constants(proto, small) -> tuple[list, list]:
+    """(nodes, initializers): small integer Constant/Unsqueeze/Squeeze/Concat/Cast/Identity chains evaluated, so
+    that shape inference sees Slice/Expand arguments as constants (it does not look through an Unsqueeze)."""
+    from onnx import helper, numpy_helper
+
+    vals = {t.name: numpy_helper.to_array(t) for t in small}
+    nodes, folded = [], []
+
+    def attr(node, name, default=None):
+        for a in node.attribute:
+            if a.name == name:
+                return helper.get_attribute_value(a)
+        return default
+
+    for node in proto.graph.node:
+        v = None
+        ins = [vals.get(i) for i in node.input]
+        try:
+            if node.op_type == "Constant" and attr(node, "value") is not None:
+                a = numpy_helper.to_array(attr(node, "value"))
+                v = a if a.dtype.kind in "iu" and a.size <= 64 else None
+            elif ins and all(i is not None for i in ins):
+                if node.op_type == "Unsqueeze":
+                    v = np.expand_dims(ins[0], tuple(int(a) for a in ins[1])) if len(ins) > 1 else None
+                elif node.op_type == "Squeeze" and len(ins) > 1:
+                    v = np.squeeze(ins[0], tuple(int(a) for a in ins[1]))
+                elif node.op_type == "Concat":
+                    v = np.concatenate(ins, axis=attr(node, "axis", 0))
+                elif node.op_type == "Identity":
+                    v = ins[0]
+                elif node.op_type == "Cast" and attr(node, "to") in (6, 7):
+                    v = ins[0].astype(np.int64 if attr(node, "to") == 7 else np.int32)
+        except (ValueError, IndexError, TypeError):  # pragma: no cover - leave it to shape inference
+            v = None
+        if v is not None and len(node.output) == 1:
+            vals[node.output[0]] = v
+            folded.append(numpy_helper.from_array(np.asarray(v), node.output[0]))
+        else:
+            nodes.append(node)
+    return nodes, folded
+
+
+def _constant_shapes(proto) -> int:
+    """Replace computed Reshape targets by constants: the tracer turns every ``reshape(T, B, ...)`` into
+    Shape/Gather/Unsqueeze/Concat arithmetic on the symbolic batch. Shapes are inferred for two batch sizes; a
+    Reshape whose output dims all agree but one gets an int64 initializer target with -1 at that dim (the one
+    that follows the batch), and the arithmetic is dropped (``_drop_dead_nodes``). Returns the Reshapes rewritten."""
+    from onnx import numpy_helper
+
+    try:
+        a, b = _inferred_dims(proto, 2), _inferred_dims(proto, 3)
+    except Exception:  # pragma: no cover - an optimisation, never a requirement
+        return 0
+    names = {t.name for t in proto.graph.initializer}
+    done = 0
+    for node in proto.graph.node:
+        if node.op_type != "Reshape" or len(node.input) != 2 or node.input[1] in names:
+            continue
+        if any(at.name == "allowzero" and at.i for at in node.attribute):
+            continue
+        da, db = a.get(node.output[0]), b.get(node.output[0])
+        if not da or not db or len(da) != len(db) or None in da or None in db or 0 in da:
+            continue
+        differ = [i for i, (p, q) in enumerate(zip(da, db)) if p != q]
+        if len(differ) != 1:
+            continue
+        dims = list(da)
+        dims[differ[0]] = -1
+        name = f"{node.output[0]}_shape"
+        while name in names:
+            name += "_"
+        proto.graph.initializer.append(numpy_helper.from_array(np.asarray(dims, dtype=np.int64), name))
+        names.add(name)
+        node.input[1] = name
+        done += 1
+    _drop_dead_nodes(proto)
+    return done
+
+
+def _drop_dead_nodes(proto) -> None:
+    """Remove nodes none of whose outputs is used (by a node or as a graph output); initializers are kept."""
+    while True:
+        used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
+        keep = [n for n in proto.graph.node if any(o in used for o in n.output)]
+        if len(keep) == len(proto.graph.node):
+            return
+        del proto.graph.node[:]
+        proto.graph.node.extend(keep)
+
+
 def _add_masks(proto, masks: TokenMasks, index_names: dict) -> None:
     """Store each site's mask as initializer ``stata_mask_site<i>`` (bool (T, n_full)): the graph computes from the
     constant indices derived from them at export, a reader takes the masks from here. Refuse a graph whose index
@@ -308,6 +436,7 @@ class OnnxExporter(Exporter):
         except Exception as e:  # the tracer's errors are long; keep the first line
             raise UnsupportedOpError(f"torch.onnx.export failed: {str(e).strip().splitlines()[0]}") from e
         _check_standard(proto)
+        _constant_shapes(proto)
         # unused opset imports of the exporter's private domains would make readers look for them
         used = {n.domain for n in proto.graph.node}
         keep = [o for o in proto.opset_import if o.domain in ("", "ai.onnx") or o.domain in used]

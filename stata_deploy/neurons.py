@@ -24,6 +24,7 @@ state from them: the same arithmetic, in the same order, as the indexed path abo
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -303,22 +304,35 @@ def lif_reference(x: torch.Tensor, tau=TAU, v_th=V_TH, v_reset=V_RESET, ternary=
     return torch.stack(out)
 
 
+def _inv_pow2(tau: float) -> float | None:
+    """1/tau when tau is a power of two (then x * (1/tau) is bit for bit x / tau, and a multiply is cheaper)."""
+    m, _ = math.frexp(tau)
+    return 1.0 / tau if tau > 0 and m == 0.5 else None
+
+
 def _step_traceable(xt, v, tau, v_th, v_reset, ternary):
-    """One LIF step in out-of-place ops (H, spikes, fired) with the eager path's arithmetic. ``v`` None: the first
-    step, every membrane at v_reset: H = (x - 0) / tau + v_reset, i.e. x / tau (+ v_reset)."""
+    """One LIF step in out-of-place ops (H, spikes or None, fired) with the eager path's arithmetic. ``v`` None: the
+    first step, every membrane at v_reset: H = (x - 0) / tau + v_reset, i.e. x / tau (+ v_reset). Binary neurons
+    return spikes None: the caller casts the concatenated ``fired`` of all steps once."""
+    inv = _inv_pow2(tau)
     if v is None:
-        h = xt / tau
+        h = xt * inv if inv is not None else xt / tau
         if v_reset != 0.0:
             h = h + v_reset
     else:
-        h = (xt - (v if v_reset == 0.0 else v - v_reset)) / tau + v
+        d = xt - (v if v_reset == 0.0 else v - v_reset)
+        h = (d * inv if inv is not None else d / tau) + v
     if ternary:
         s = _fire(h, v_th, True)
-        fired = s != 0
-    else:
-        fired = h >= v_th
-        s = fired.to(xt.dtype)
-    return h, s, fired
+        return h, s, s != 0
+    return h, None, h >= v_th
+
+
+def _spikes_traceable(spikes: list, fired: list, dtype) -> torch.Tensor:
+    """(T, ...) spikes from the per-step results of ``_step_traceable``: one Concat (and one Cast)."""
+    if spikes[0] is not None:
+        return torch.cat(spikes, 0)
+    return torch.cat(fired, 0).to(dtype)
 
 
 def multistep_neuron_traceable(
@@ -334,7 +348,8 @@ def multistep_neuron_traceable(
 
     Same arithmetic, in the same order, as ``_MultiStepNeuron.forward`` (so spikes are identical; only the sign of a
     zero membrane may differ, which no spike can see). Written for a lean graph: one Split of the input over T, per
-    step Sub/Div/Add/GreaterOrEqual/Cast/Where, one Concat of the spikes (no per-step shape arithmetic).
+    step Sub, Mul (x / tau is x * (1/tau) bit for bit when tau is a power of two, else Div), Add, GreaterOrEqual and
+    Where, then one Concat and one Cast of the spikes (no per-step shape arithmetic).
 
     * no index or a time-invariant one: the slots are the neurons (no token buffer).
     * a timestep-wise ``index`` with a static ``schedule`` (static masks): ``multistep_neuron_static_traceable``.
@@ -347,14 +362,15 @@ def multistep_neuron_traceable(
     if index is not None and index.timestep_wise and index.schedule is not None:
         return multistep_neuron_static_traceable(x, tau, v_th, v_reset, ternary, index.schedule)
     if index is None or not index.timestep_wise:
-        out = []
+        spikes, fires = [], []
         v = None
         for t, xt in enumerate(torch.split(x, 1, 0)):
             h, s, fired = _step_traceable(xt, v, tau, v_th, v_reset, ternary)
-            out.append(s)
+            spikes.append(s)
+            fires.append(fired)
             if t < T - 1:
                 v = torch.where(fired, v_reset, h)
-        return torch.cat(out, 0)
+        return _spikes_traceable(spikes, fires, x.dtype)
     decay = 1.0 - 1.0 / tau
     idx, n_full = index.idx, index.n_full  # (T, B, k)
     nf = x.dim() - 3  # feature dims after (T, B, k)
@@ -388,7 +404,7 @@ def multistep_neuron_static_traceable(x: torch.Tensor, tau: float, v_th: float, 
     T, k = sched.T, sched.k  # plain ints (x.shape entries are traced values)
     nf = x.dim() - 3
     bshape = (1, 1, k, *([1] * nf))
-    out, hist = [], []  # hist[t]: (1, B, k, *F) post-reset membranes after step t
+    spikes, fires, hist = [], [], []  # hist[t]: (1, B, k, *F) post-reset membranes after step t
     for t, xt in enumerate(torch.split(x, 1, 0)):
         if t == 0:
             v = None
@@ -410,9 +426,11 @@ def multistep_neuron_static_traceable(x: torch.Tensor, tau: float, v_th: float, 
             if fresh.any():
                 v = torch.where(torch.as_tensor(fresh).reshape(bshape), v_reset, v)
         h, s, fired = _step_traceable(xt, v, tau, v_th, v_reset, ternary)
-        out.append(s)
-        hist.append(torch.where(fired, v_reset, h))
-    return torch.cat(out, 0)
+        spikes.append(s)
+        fires.append(fired)
+        if t < T - 1:
+            hist.append(torch.where(fired, v_reset, h))
+    return _spikes_traceable(spikes, fires, x.dtype)
 
 
 class LIF(nn.Module):
