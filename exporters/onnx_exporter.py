@@ -328,10 +328,21 @@ def _add_masks(proto, masks: TokenMasks, index_names: dict) -> None:
     """Store each site's mask as initializer ``stata_mask_site<i>`` (bool (T, n_full)): the graph computes from the
     constant indices derived from them at export, a reader takes the masks from here. Refuse a graph whose index
     constants were lost or changed by the exporter."""
+    import onnx
     from onnx import numpy_helper
 
     inits = {t.name: t for t in proto.graph.initializer}
-    bad = [n for n, v in index_names.items() if n not in inits or not np.array_equal(numpy_helper.to_array(inits[n]), v)]
+    # the dynamo exporter renames them or inlines them as Constant nodes: then look for the values
+    consts = [numpy_helper.to_array(a.t) for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute
+              if a.name == "value" and a.t.data_type == onnx.TensorProto.INT64]
+    consts += [numpy_helper.to_array(t) for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT64]
+
+    def present(name, v):
+        if name in inits:
+            return np.array_equal(numpy_helper.to_array(inits[name]), v)
+        return any(c.shape == v.shape and np.array_equal(c, v) for c in consts)
+
+    bad = [n for n, v in index_names.items() if not present(n, v)]
     if bad:
         raise UnsupportedOpError(f"token index constants were lost while exporting: {', '.join(bad)}")
     for s in sorted(masks.sites):
@@ -359,8 +370,11 @@ class OnnxExporter(Exporter):
 
     def export(self, model, masks: TokenMasks | None, out: Path, dynamic_masks: bool = False,
                run_dir: str | Path | None = None, external_data: bool | None = None, opset: int = OPSET,
-               weights_sha256: str | None = None, **options) -> dict:
-        """Export ``model`` with static ``masks`` (or, with ``dynamic_masks=True`` and no masks, dynamic top-k)."""
+               weights_sha256: str | None = None, dynamo: bool = False, **options) -> dict:
+        """Export ``model`` with static ``masks`` (or, with ``dynamic_masks=True`` and no masks, dynamic top-k).
+
+        ``dynamo=True`` uses torch's torch.export-based exporter (needs onnxscript) instead of the TorchScript
+        tracer (the default; see benchmarks/onnx_latency.py --dynamo for the comparison)."""
         import onnx
 
         out = Path(out)
@@ -422,15 +436,22 @@ class OnnxExporter(Exporter):
         }
         try:
             with torch.no_grad(), _quiet():
-                buf = io.BytesIO()
-                # The TorchScript tracer: ~10x faster than the dynamo exporter on these unrolled graphs, and with
-                # constant folding off the mask buffers stay initializers (ONNX Runtime folds them at load time).
-                torch.onnx.export(
-                    graph, (example,), buf, dynamo=False, input_names=["x"], output_names=output_names,
-                    dynamic_axes={n: {1: "batch"} for n in ["x", *output_names]}, opset_version=opset,
-                    do_constant_folding=False, export_params=True,
-                )
-            proto = onnx.load_from_string(buf.getvalue())
+                if dynamo:
+                    program = torch.onnx.export(
+                        graph, (example,), dynamo=True, input_names=["x"], output_names=output_names,
+                        dynamic_shapes=({1: torch.export.Dim("batch", min=1)},), opset_version=opset,
+                        optimize=True, verbose=False)
+                    proto = program.model_proto
+                else:
+                    buf = io.BytesIO()
+                    # The TorchScript tracer (see benchmarks/onnx_latency.py --dynamo for the dynamo exporter);
+                    # with constant folding off the index buffers stay initializers.
+                    torch.onnx.export(
+                        graph, (example,), buf, dynamo=False, input_names=["x"], output_names=output_names,
+                        dynamic_axes={n: {1: "batch"} for n in ["x", *output_names]}, opset_version=opset,
+                        do_constant_folding=False, export_params=True,
+                    )
+                    proto = onnx.load_from_string(buf.getvalue())
         except StataError:
             raise
         except Exception as e:  # the tracer's errors are long; keep the first line
