@@ -4,7 +4,9 @@ The file describes itself (``metadata_props["stata_deploy"]``, see ``exporters/o
 config, the static masks (also present as ``stata_mask_site<i>`` initializers; both must agree) and the run folder
 it came from. ``run`` returns the same ``RunResult`` as the torch reference: logits per timestep, every neuron layer's
 spikes (graph outputs named by torch module path), the encoded input, wall time and the kept token positions.
-Only the CPU execution provider is used (the edge path); ``threads`` sets intra-op threads.
+Only the CPU execution provider is used (the edge path); ``threads`` sets intra-op threads (default: one per
+physical core), execution is sequential, graph optimisation ``ORT_ENABLE_ALL`` unless ``optimization`` says
+otherwise. ``run(x, record=False)`` fetches only ``logits_t`` (and kept positions).
 
 Loading refuses, with one line naming the file: an invalid model config in the description (strict types and
 bounds of ``ModelConfig.validate``), a description whose T disagrees with its config or with the graph's input
@@ -146,9 +148,12 @@ class OnnxRuntime(Runtime):
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[optimization]
         so.log_severity_level = 3
+        # The graph is one chain of small ops (T unrolled): sequential execution, parallelism inside the kernels.
+        # intra-op threads: --threads, else ONNX Runtime's default (one per physical core).
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.inter_op_num_threads = 1
         if threads:
             so.intra_op_num_threads = int(threads)
-            so.inter_op_num_threads = 1
         try:
             self.session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
