@@ -3,7 +3,8 @@
 Cells: preset x batch x runtime (ORT, torch eager) x keep ratio gamma. For each preset and batch, every configuration
 (unpruned and each gamma, on ORT and on torch) is loaded once into this process and timed in paired rounds: a round
 times every configuration ``--inner`` calls in a row (the order rotates from round to round; the round's time of a
-configuration is the median of its calls), the first ``--warmup`` rounds are dropped. Per round the speedup is
+configuration is the fastest of its calls: interference from other processes, or from the threads of the
+configuration timed just before, only ever adds time), the first ``--warmup`` rounds are dropped. Per round the speedup is
 unpruned time / pruned time on the same runtime, and ORT-vs-torch is torch time / ORT time for the same model: the
 median over rounds is reported with its range [min..max] (robust to load drifting between rounds; the machine may
 be shared). ``ideal`` = counted forward MACs unpruned / pruned (``_common.count_macs``: convolutions, linear layers
@@ -147,7 +148,7 @@ class Config:
 
 
 def paired_rounds(fns: dict, rounds: int, warmup: int, inner: int) -> dict:
-    """{key: [round time, ...]}: every round times every fn ``inner`` times (median), rotating the order."""
+    """{key: [round time, ...]}: every round times every fn ``inner`` times (fastest call), rotating the order."""
     keys = list(fns)
     out = {k: [] for k in keys}
     for r in range(warmup + rounds):
@@ -159,7 +160,7 @@ def paired_rounds(fns: dict, rounds: int, warmup: int, inner: int) -> dict:
                 fns[k]()
                 ts.append(time.perf_counter() - t0)
             if r >= warmup:
-                out[k].append(statistics.median(ts))
+                out[k].append(min(ts))
     return out
 
 
@@ -257,8 +258,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=0, help="timed rounds (default: batch 1: 12, batch 32: 5)")
     ap.add_argument("--warmup", type=int, default=1, help="rounds dropped from the statistics")
-    ap.add_argument("--inner", type=int, default=0, help="calls per configuration per round (default: 5 at batch "
-                                                         "1 for large presets, 20 tiny, 1 at batch 32)")
+    ap.add_argument("--inner", type=int, default=0, help="calls per configuration per round, the fastest counts "
+                                                         "(default: 5 at batch 1 for large presets, 20 tiny, 2 at "
+                                                         "batch 32)")
     ap.add_argument("--peak", action="store_true", help="measure a float32 GEMM peak (torch.mm, ORT MatMul)")
     ap.add_argument("--dynamo", action="store_true", help="compare the dynamo exporter with the TorchScript one")
     ap.add_argument("--profile", action="store_true", help="ORT and torch profiles of the first preset at batch 1")
@@ -313,7 +315,7 @@ def main(argv=None) -> int:
                     kv.setdefault("spike_mismatches", 0)
                     kv["spike_mismatches"] += bad
                 rounds = args.rounds or (12 if B == 1 else 5)
-                inner = args.inner or (1 if B > 1 else (5 if large else 20))
+                inner = args.inner or (2 if B > 1 else (5 if large else 20))
                 fns = {(rt, lab): c.runner(rt, x) for lab, c in confs.items() for rt in RUNTIMES}
                 times = paired_rounds(fns, rounds, args.warmup, inner)
                 print(f"\n{preset}, batch {B} ({rounds} rounds x {inner} calls, median of per-round ratios "
