@@ -394,6 +394,7 @@ def main(argv=None) -> int:
             for c in confs.values():
                 c.rt.close()
     kv["threads"] = args.threads
+    print(f"# {C.utc()}  load average at the end: {os.getloadavg()[0]:.2f} (other processes share these CPUs)")
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(results, indent=2))
