@@ -210,3 +210,39 @@ def test_onnx_static_graph_has_constant_indices_only(tmp_path):
     plan = static_plan(masks)
     for t in range(cfg.T):
         assert np.array_equal(inits[f"{GATHER_PREFIX}2_t{t}"], plan.sites[2].local[t])
+
+
+def test_runtime_refuses_masks_edited_after_export(tmp_path):
+    """No node reads the mask initializers: a file whose masks (and description) were edited consistently would run
+    the exported indices, so the runtime refuses it."""
+    import json
+
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from exporters.onnx_exporter import MASK_PREFIX, META_KEY, OnnxExporter
+    from runtimes.onnxruntime_runtime import OnnxRuntime
+    from stata_deploy.errors import StataError
+
+    torch.manual_seed(0)
+    cfg = make_config("spikformer-tiny", prune=PruneConfig(method="stata", keep=0.5))
+    model = build_model(cfg).eval()
+    masks = tw_masks(cfg, [1], 0.5)
+    out = tmp_path / "m.onnx"
+    OnnxExporter().export(model, masks, out)
+    OnnxRuntime(out)  # loads
+    proto = onnx.load(str(out))
+    m = masks.sites[1].copy()
+    j, new = np.flatnonzero(m[0])[-1], np.flatnonzero(~m[0])[0]
+    m[0, j], m[0, new] = False, True
+    edited = TokenMasks({1: m}, masks.n_full, masks.T, masks.mode)
+    for t in proto.graph.initializer:
+        if t.name == f"{MASK_PREFIX}1":
+            t.CopyFrom(onnx.numpy_helper.from_array(m, t.name))
+    entry = next(e for e in proto.metadata_props if e.key == META_KEY)
+    desc = json.loads(entry.value)
+    desc["masks"] = edited.to_json()
+    entry.value = json.dumps(desc)
+    bad = tmp_path / "edited.onnx"
+    onnx.save(proto, str(bad))
+    with pytest.raises(StataError, match="not derived from its masks"):
+        OnnxRuntime(bad)
