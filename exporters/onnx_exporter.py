@@ -8,13 +8,16 @@ The graph (opset 18, standard ``ai.onnx`` domain only, ``onnx.checker`` full che
   (``stem.stages.0.lif``, ``blocks.0.attn.q_lif``, ...; the keys of ``stata_deploy.inference.run_torch``), in the
   slot layout of the torch model (pruned tokens absent), so a runtime returns the same ``RunResult`` and spikes can be
   compared number for number. Dynamic-mask exports add ``kept.<site>`` (T, B, k) int64 kept token positions.
-* T is unrolled. LIF state is explicit inside the graph (a full-N membrane buffer per neuron layer when token sets
-  differ between timesteps): a token not kept at timestep t receives no input and its membrane decays by
-  ``(1 - 1/tau)`` per skipped step (the contract in ``stata_deploy/neurons.py``), so a dropped token never spikes.
-* static masks are initializers named ``stata_mask_site<i>``: bool (T, n_full), exactly ``TokenMasks.sites[i]``.
-  The graph derives the kept positions from them (TopK over ``mask * (N - position)`` gives the kept positions in
-  ascending order; CumSum gives slot numbers at later sites), so editing nothing else but the mask changes the
-  network consistently — and a reader can take the masks from the initializers.
+* T is unrolled. LIF state is explicit inside the graph: a token not kept at timestep t receives no input and its
+  membrane decays by ``(1 - 1/tau)`` per skipped step (the contract in ``stata_deploy/neurons.py``), so a dropped
+  token never spikes. Static masks are compiled at export (``stata_deploy.pruning.static_plan``): the kept slots are
+  gathered with constant int64 indices (initializers ``stata_gather_site<i>[_t<t>]``), and where the kept tokens
+  differ between timesteps each neuron starts a step from constant-index gathers of the membranes its tokens had
+  when last kept (``neurons.LIFSchedule``): no TopK/CumSum/Scatter, no full-N membrane buffer, nothing computed for
+  a token never kept. A time-invariant schedule is plain LIF over the kept slots.
+* static masks are also stored as initializers named ``stata_mask_site<i>``: bool (T, n_full), exactly
+  ``TokenMasks.sites[i]`` (no node reads them; a reader takes the masks from them, and the exporter checks that the
+  index initializers it wrote are the ones derived from them).
 * weights are inline; when the initializers exceed ``EXTERNAL_DATA_BYTES`` (or ``external_data=True``) they go to
   ``<file>.data`` beside the model (ONNX external data, one file).
 
@@ -44,12 +47,14 @@ from stata_deploy.errors import StataError, UnsupportedOpError
 from stata_deploy.exporter_api import Exporter
 from stata_deploy.inference import neuron_layers
 from stata_deploy.neurons import NEURON_TYPES, ReLUNeuron, TokenIndex, multistep_neuron_traceable
-from stata_deploy.pruning import TokenMasks, gather_slots
+from stata_deploy.pruning import TokenMasks, static_plan
 
 FORMAT = "stata-deploy-onnx/1"
 META_KEY = description.META_KEY
 OPSET = 18
 MASK_PREFIX = "stata_mask_site"
+GATHER_PREFIX = "stata_gather_site"
+SCATTER_PREFIX = "stata_scatter_site"
 EXTERNAL_DATA_BYTES = 1 << 30  # ONNX protobufs are limited to 2 GiB; go external well before
 
 
@@ -91,60 +96,82 @@ def _tapped_copy(model: nn.Module) -> tuple[nn.Module, list[str], dict]:
 
 
 class _StaticGraph(nn.Module):
-    """The model's forward with static masks, written so that the masks are graph initializers.
+    """The model's forward with static masks, every index a constant fixed at export.
 
-    Mirrors ``SpikingTransformer.forward(x, masks)`` (drop mode: gather the kept slots, compose the global index;
-    skip mode (TP): kept tokens go through the block, the others keep their input). The parity tests check it
-    against the eager model spike for spike.
+    Mirrors ``SpikingTransformer._forward_static`` (the same ``pruning.static_plan``): drop mode gathers the kept
+    slots at each site with constant int64 indices (``stata_gather_site<i>``, or ``stata_gather_site<i>_t<t>`` per
+    timestep when the kept slots differ between timesteps: a Split over T, one Gather per step, a Concat), and the
+    neurons after a site whose tokens differ between timesteps follow its precomputed ``LIFSchedule`` (constant
+    gathers of earlier steps' membranes, no full-N buffer). Skip mode (TP): the kept tokens go through the block,
+    the output is one constant-index Gather of Concat(input, block output) (``stata_scatter_site<i>``). Nothing
+    is computed for a token that is never kept. The parity tests check it against the eager model spike for spike.
     """
 
     def __init__(self, model: nn.Module, masks: TokenMasks | None):
         super().__init__()
         self.net, self.names, self.sink = _tapped_copy(model)
         self.cfg = model.cfg
+        self.plan = static_plan(masks, model.cfg) if masks is not None else None
         self.mode = masks.mode if masks is not None else "drop"
-        self.sites = sorted(masks.sites) if masks is not None else []
-        self.k = {s: masks.kept(s) for s in self.sites}
-        self.tw: dict[int, bool] = {}
-        tw = False
-        for s in self.sites:
-            m = masks.sites[s]
-            tw = bool((m != m[:1]).any()) or (tw and self.mode == "drop")
-            self.tw[s] = tw
-            self.register_buffer(f"{MASK_PREFIX}{s}", torch.as_tensor(m, dtype=torch.bool))
+        self.index_names: dict[str, np.ndarray] = {}  # initializer name -> value (checked after export)
+        if self.plan is None:
+            return
+        N = self.plan.n_full
+        for s, sp in self.plan.sites.items():
+            if sp.gather_tw:
+                for t in range(sp.T):
+                    self._constant(f"{GATHER_PREFIX}{s}_t{t}", sp.local[t])
+            else:
+                self._constant(f"{GATHER_PREFIX}{s}", sp.local[0])
+            if self.mode == "skip":  # output position p reads x[p], or the block's slot j holding p (row N + j)
+                perm = np.tile(np.arange(N, dtype=np.int64), (sp.T, 1))
+                for t in range(sp.T):
+                    perm[t, sp.local[t]] = N + np.arange(sp.k)
+                if sp.gather_tw:
+                    for t in range(sp.T):
+                        self._constant(f"{SCATTER_PREFIX}{s}_t{t}", perm[t])
+                else:
+                    self._constant(f"{SCATTER_PREFIX}{s}", perm[0])
 
-    def _positions(self, s: int) -> torch.Tensor:
-        """Kept positions (T, k) of site s, ascending, from its mask initializer."""
-        mask = getattr(self, f"{MASK_PREFIX}{s}")
-        n = mask.shape[1]
-        rank = n - torch.arange(n, dtype=torch.float32)  # larger for earlier positions
-        return torch.topk(mask.to(torch.float32) * rank, self.k[s], dim=1).indices  # (T, k)
+    def _constant(self, name: str, value: np.ndarray) -> None:
+        self.register_buffer(name, torch.as_tensor(np.ascontiguousarray(value, dtype=np.int64)))
+        self.index_names[name] = np.asarray(value, dtype=np.int64)
+
+    def _select(self, x: torch.Tensor, sp, prefix: str) -> torch.Tensor:
+        """x (T, B, n, D) -> the constant slots of ``prefix`` along the token axis, per timestep if they differ."""
+        if not sp.gather_tw:
+            return torch.index_select(x, 2, getattr(self, f"{prefix}{sp.site}"))
+        return torch.cat([torch.index_select(xt, 2, getattr(self, f"{prefix}{sp.site}_t{t}"))
+                          for t, xt in enumerate(torch.split(x, 1, 0))], 0)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``net.tokens`` in ops whose shapes ONNX shape inference can follow (``_constant_shapes``): the anchor
+        rows are ones of shape (T, B, 1, 1) times the anchor (exact), not an Expand to a computed shape."""
+        net = self.net
+        x = net.stem(net.encode(x))  # (T, B, N, D)
+        if net.anchor is None:
+            return x
+        ones = torch.ones_like(x[:, :, :1, :1])
+        return torch.cat([ones * net.anchor, x], 2)
 
     def forward(self, x: torch.Tensor):
         net, cfg = self.net, self.cfg
         self.sink.clear()
-        x = net.tokens(x)  # (T, B, N, D)
-        T, B, N, D = x.shape
+        x = self._tokens(x)  # (T, B, N, D)
+        N = self.plan.n_full if self.plan is not None else cfg.num_tokens
         n_fixed = 1 if cfg.anchor else 0
         index: TokenIndex | None = None
-        prev: int | None = None
+        sites = self.plan.sites if self.plan is not None else {}
         for i, blk in enumerate(net.blocks):
-            if i in self.k:
-                g = self._positions(i)  # (T, k) global positions
-                k = self.k[i]
+            sp = sites.get(i)
+            if sp is not None:
+                pos = torch.as_tensor(sp.positions).unsqueeze(1)  # (T, 1, k): descriptive, no graph op uses it
                 if self.mode == "skip":
-                    local = g.unsqueeze(1).expand(T, B, k)
-                    y, _ = blk(gather_slots(x, local), TokenIndex(local, N, False))
-                    x = x.scatter(2, local.unsqueeze(-1).expand(T, B, k, D), y)
+                    y, _ = blk(self._select(x, sp, GATHER_PREFIX), TokenIndex(pos, N, False))
+                    x = self._select(torch.cat([x, y], 2), sp, SCATTER_PREFIX)
                     continue
-                if prev is None:
-                    local = g
-                else:  # slot number of each kept token among the slots present after the previous site
-                    pm = getattr(self, f"{MASK_PREFIX}{prev}").to(torch.int64)
-                    local = torch.gather(torch.cumsum(pm, 1) - 1, 1, g)
-                x = gather_slots(x, local.unsqueeze(1).expand(T, B, k))
-                index = TokenIndex(g.unsqueeze(1).expand(T, B, k), N, self.tw[i])
-                prev = i
+                x = self._select(x, sp, GATHER_PREFIX)
+                index = TokenIndex(pos, N, sp.tw, sp.schedule)
             x, _ = blk(x, index)
         img = x[:, :, n_fixed:] if n_fixed else x
         logits_t = net.head(img.mean(2))  # (T, B, classes)
@@ -166,6 +193,154 @@ class _DynamicGraph(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- export
+def _inferred_dims(proto, batch: int) -> dict[str, list[int | None]]:
+    """Output dims of every node for a concrete batch size (ONNX shape inference with data propagation on a light
+    copy of the graph: float initializers become typed inputs, so no weight is copied)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    inputs = []
+    for i in proto.graph.input:
+        dims = [batch if (d.dim_param or not d.HasField("dim_value")) else d.dim_value
+                for d in i.type.tensor_type.shape.dim]
+        inputs.append(helper.make_tensor_value_info(i.name, i.type.tensor_type.elem_type, dims))
+    small = []
+    for t in proto.graph.initializer:
+        if t.data_type in (TensorProto.INT64, TensorProto.INT32) and np.prod(t.dims, dtype=np.int64) <= 64:
+            small.append(t)
+        else:
+            inputs.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    nodes, folded = _fold_index_constants(proto, small)
+    graph = helper.make_graph(nodes, "shapes", inputs, [], initializer=small + folded)
+    light = helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
+    inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+    out = {}
+    for v in inferred.graph.value_info:
+        if v.type.tensor_type.HasField("shape"):
+            out[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+    return out
+
+
+def _fold_index_constants(proto, small) -> tuple[list, list]:
+    """(nodes, initializers): small integer Constant/Unsqueeze/Squeeze/Concat/Cast/Identity chains evaluated, so
+    that shape inference sees Slice/Expand arguments as constants (it does not look through an Unsqueeze)."""
+    from onnx import helper, numpy_helper
+
+    vals = {t.name: numpy_helper.to_array(t) for t in small}
+    nodes, folded = [], []
+
+    def attr(node, name, default=None):
+        for a in node.attribute:
+            if a.name == name:
+                return helper.get_attribute_value(a)
+        return default
+
+    for node in proto.graph.node:
+        v = None
+        ins = [vals.get(i) for i in node.input]
+        try:
+            if node.op_type == "Constant" and attr(node, "value") is not None:
+                a = numpy_helper.to_array(attr(node, "value"))
+                v = a if a.dtype.kind in "iu" and a.size <= 64 else None
+            elif ins and all(i is not None for i in ins):
+                if node.op_type == "Unsqueeze":
+                    v = np.expand_dims(ins[0], tuple(int(a) for a in ins[1])) if len(ins) > 1 else None
+                elif node.op_type == "Squeeze" and len(ins) > 1:
+                    v = np.squeeze(ins[0], tuple(int(a) for a in ins[1]))
+                elif node.op_type == "Concat":
+                    v = np.concatenate(ins, axis=attr(node, "axis", 0))
+                elif node.op_type == "Identity":
+                    v = ins[0]
+                elif node.op_type == "Cast" and attr(node, "to") in (6, 7):
+                    v = ins[0].astype(np.int64 if attr(node, "to") == 7 else np.int32)
+        except (ValueError, IndexError, TypeError):  # pragma: no cover - leave it to shape inference
+            v = None
+        if v is not None and len(node.output) == 1:
+            vals[node.output[0]] = v
+            folded.append(numpy_helper.from_array(np.asarray(v), node.output[0]))
+        else:
+            nodes.append(node)
+    return nodes, folded
+
+
+def _constant_shapes(proto) -> int:
+    """Replace computed Reshape targets by constants: the tracer turns every ``reshape(T, B, ...)`` into
+    Shape/Gather/Unsqueeze/Concat arithmetic on the symbolic batch. Shapes are inferred for two batch sizes; a
+    Reshape whose output dims all agree but one gets an int64 initializer target with -1 at that dim (the one
+    that follows the batch), and the arithmetic is dropped (``_drop_dead_nodes``). Returns the Reshapes rewritten."""
+    from onnx import numpy_helper
+
+    try:
+        a, b = _inferred_dims(proto, 2), _inferred_dims(proto, 3)
+    except Exception:  # pragma: no cover - an optimisation, never a requirement
+        return 0
+    names = {t.name for t in proto.graph.initializer}
+    done = 0
+    for node in proto.graph.node:
+        if node.op_type != "Reshape" or len(node.input) != 2 or node.input[1] in names:
+            continue
+        if any(at.name == "allowzero" and at.i for at in node.attribute):
+            continue
+        da, db = a.get(node.output[0]), b.get(node.output[0])
+        if not da or not db or len(da) != len(db) or None in da or None in db or 0 in da:
+            continue
+        differ = [i for i, (p, q) in enumerate(zip(da, db)) if p != q]
+        if len(differ) != 1:
+            continue
+        dims = list(da)
+        dims[differ[0]] = -1
+        name = f"{node.output[0]}_shape"
+        while name in names:
+            name += "_"
+        proto.graph.initializer.append(numpy_helper.from_array(np.asarray(dims, dtype=np.int64), name))
+        names.add(name)
+        node.input[1] = name
+        done += 1
+    _drop_dead_nodes(proto)
+    return done
+
+
+def _drop_dead_nodes(proto) -> None:
+    """Remove nodes none of whose outputs is used (by a node or as a graph output); initializers are kept."""
+    while True:
+        used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
+        keep = [n for n in proto.graph.node if any(o in used for o in n.output)]
+        if len(keep) == len(proto.graph.node):
+            return
+        del proto.graph.node[:]
+        proto.graph.node.extend(keep)
+
+
+def _add_masks(proto, masks: TokenMasks, index_names: dict) -> None:
+    """Store each site's mask as initializer ``stata_mask_site<i>`` (bool (T, n_full)): the graph computes from the
+    constant indices derived from them at export, a reader takes the masks from here. Refuse a graph whose index
+    constants were lost or changed by the exporter."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    # the dynamo exporter renames them or inlines them as Constant nodes: then look for the values
+    consts = [numpy_helper.to_array(a.t) for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute
+              if a.name == "value" and a.t.data_type == onnx.TensorProto.INT64]
+    consts += [numpy_helper.to_array(t) for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT64]
+
+    def present(name, v):
+        if name in inits:
+            return np.array_equal(numpy_helper.to_array(inits[name]), v)
+        return any(c.shape == v.shape and np.array_equal(c, v) for c in consts)
+
+    bad = [n for n, v in index_names.items() if not present(n, v)]
+    if bad:
+        raise UnsupportedOpError(f"token index constants were lost while exporting: {', '.join(bad)}")
+    for s in sorted(masks.sites):
+        name = f"{MASK_PREFIX}{s}"
+        t = numpy_helper.from_array(np.asarray(masks.sites[s], dtype=bool), name)
+        if name in inits:
+            inits[name].CopyFrom(t)
+        else:
+            proto.graph.initializer.append(t)
+
+
 def _initializer_bytes(proto) -> int:
     return sum(int(np.prod(t.dims, dtype=np.int64)) * 4 for t in proto.graph.initializer)
 
@@ -182,8 +357,11 @@ class OnnxExporter(Exporter):
 
     def export(self, model, masks: TokenMasks | None, out: Path, dynamic_masks: bool = False,
                external_data: bool | None = None, opset: int = OPSET,
-               weights_sha256: str | None = None, **options) -> dict:
-        """Export ``model`` with static ``masks`` (or, with ``dynamic_masks=True`` and no masks, dynamic top-k)."""
+               weights_sha256: str | None = None, dynamo: bool = False, **options) -> dict:
+        """Export ``model`` with static ``masks`` (or, with ``dynamic_masks=True`` and no masks, dynamic top-k).
+
+        ``dynamo=True`` uses torch's torch.export-based exporter (needs onnxscript) instead of the TorchScript
+        tracer (the default; see benchmarks/onnx_latency.py --dynamo for the comparison)."""
         import onnx
 
         out = Path(out)
@@ -235,30 +413,35 @@ class OnnxExporter(Exporter):
                     "tau": 2.0, "v_reset": 0.0})
         try:
             with torch.no_grad(), _quiet():
-                buf = io.BytesIO()
-                # The TorchScript tracer: ~10x faster than the dynamo exporter on these unrolled graphs, and with
-                # constant folding off the mask buffers stay initializers (ONNX Runtime folds them at load time).
-                torch.onnx.export(
-                    graph, (example,), buf, dynamo=False, input_names=["x"], output_names=output_names,
-                    dynamic_axes={n: {1: "batch"} for n in ["x", *output_names]}, opset_version=opset,
-                    do_constant_folding=False, export_params=True,
-                )
-            proto = onnx.load_from_string(buf.getvalue())
+                if dynamo:
+                    program = torch.onnx.export(
+                        graph, (example,), dynamo=True, input_names=["x"], output_names=output_names,
+                        dynamic_shapes=({1: torch.export.Dim("batch", min=1)},), opset_version=opset,
+                        optimize=True, verbose=False)
+                    proto = program.model_proto
+                else:
+                    buf = io.BytesIO()
+                    # The TorchScript tracer (see benchmarks/onnx_latency.py --dynamo for the dynamo exporter);
+                    # with constant folding off the index buffers stay initializers.
+                    torch.onnx.export(
+                        graph, (example,), buf, dynamo=False, input_names=["x"], output_names=output_names,
+                        dynamic_axes={n: {1: "batch"} for n in ["x", *output_names]}, opset_version=opset,
+                        do_constant_folding=False, export_params=True,
+                    )
+                    proto = onnx.load_from_string(buf.getvalue())
         except StataError:
             raise
         except Exception as e:  # the tracer's errors are long; keep the first line
             raise UnsupportedOpError(f"torch.onnx.export failed: {str(e).strip().splitlines()[0]}") from e
         _check_standard(proto)
+        _constant_shapes(proto)
         # unused opset imports of the exporter's private domains would make readers look for them
         used = {n.domain for n in proto.graph.node}
         keep = [o for o in proto.opset_import if o.domain in ("", "ai.onnx") or o.domain in used]
         del proto.opset_import[:]
         proto.opset_import.extend(keep)
         if masks is not None:
-            inits = {t.name for t in proto.graph.initializer}
-            missing = [f"{MASK_PREFIX}{s}" for s in masks.sites if f"{MASK_PREFIX}{s}" not in inits]
-            if missing:
-                raise UnsupportedOpError(f"mask initializers were lost while exporting: {', '.join(missing)}")
+            _add_masks(proto, masks, graph.index_names)
         proto.producer_name = "stata-deploy"
         proto.producer_version = desc["version"]
         proto.doc_string = f"stata-deploy {cfg.name}: spiking transformer, T={cfg.T}, masks {source}"

@@ -1,10 +1,13 @@
 """ONNX Runtime adapter (``--runtime onnxruntime``): runs a ``.onnx`` file written by ``stata-deploy export --to onnx``.
 
 The file describes itself (``metadata_props["stata_deploy"]``, see ``exporters/onnx_exporter.py``): the model
-config, the static masks (also present as ``stata_mask_site<i>`` initializers; both must agree) and the run folder
+config, the static masks (also present as ``stata_mask_site<i>`` initializers; both must agree, and so must the
+graph's constant token indices ``stata_gather_site<i>[_t<t>]``) and the run folder
 it came from. ``run`` returns the same ``RunResult`` as the torch reference: logits per timestep, every neuron layer's
 spikes (graph outputs named by torch module path), the encoded input, wall time and the kept token positions.
-Only the CPU execution provider is used (the edge path); ``threads`` sets intra-op threads.
+Only the CPU execution provider is used (the edge path); ``threads`` sets intra-op threads (default: one per
+physical core), execution is sequential, graph optimisation ``ORT_ENABLE_ALL`` unless ``optimization`` says
+otherwise. ``run(x, record=False)`` fetches only ``logits_t`` (and kept positions).
 
 Loading refuses, with one line naming the file: an invalid model config in the description (strict types and
 bounds of ``ModelConfig.validate``), a description whose T disagrees with its config or with the graph's input
@@ -26,6 +29,7 @@ from stata_deploy.runtime_api import Runtime
 
 from stata_deploy.description import META_KEY  # noqa: E402
 MASK_PREFIX = "stata_mask_site"
+GATHER_PREFIX = "stata_gather_site"
 
 
 def read_description(path: str | Path) -> tuple[dict, "object"]:
@@ -144,9 +148,12 @@ class OnnxRuntime(Runtime):
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[optimization]
         so.log_severity_level = 3
+        # The graph is one chain of small ops (T unrolled): sequential execution, parallelism inside the kernels.
+        # intra-op threads: --threads, else ONNX Runtime's default (one per physical core).
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.inter_op_num_threads = 1
         if threads:
             so.intra_op_num_threads = int(threads)
-            so.inter_op_num_threads = 1
         try:
             self.session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
@@ -168,6 +175,18 @@ class OnnxRuntime(Runtime):
                                  f"'{MASK_PREFIX}{s}' initializer")
             if not np.array_equal(numpy_helper.to_array(t).astype(bool), m):
                 raise StataError(f"{self.path}: mask initializer of site {s} does not match the description")
+        # The graph computes from constant indices derived from the masks at export (no node reads the masks):
+        # a file whose masks were edited afterwards would silently run the old network, so refuse it.
+        from stata_deploy.pruning import static_plan
+
+        idx = {t.name: t for t in proto.graph.initializer if t.name.startswith(GATHER_PREFIX)}
+        for s, sp in static_plan(self.masks).sites.items():
+            want = {f"{GATHER_PREFIX}{s}": sp.local[0]} if not sp.gather_tw else {
+                f"{GATHER_PREFIX}{s}_t{t}": sp.local[t] for t in range(sp.T)}
+            for name, v in want.items():
+                if name in idx and not np.array_equal(numpy_helper.to_array(idx[name]), v):
+                    raise StataError(f"{self.path}: the graph's token indices of site {s} ({name}) were not derived "
+                                     "from its masks (edited after export?): export the model again")
 
     # ------------------------------------------------------------------------------------------------
     def encode(self, x: np.ndarray) -> np.ndarray:

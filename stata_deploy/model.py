@@ -2,7 +2,9 @@
 
 x (T, B, C, H, W) -> SPS stem -> tokens (T, B, N, D) [+ anchor at 0] -> L blocks -> mean over tokens -> head.
 At a pruning site the tokens are scored, the top ceil(gamma * n) kept and the rest gathered out, so every later
-block computes on fewer tokens. With static ``TokenMasks`` the kept sets come from the masks instead.
+block computes on fewer tokens. With static ``TokenMasks`` the kept sets come from the masks instead: their index
+tensors and neuron schedules are computed once per masks object (``pruning.static_plan``), so a forward with static
+masks does only work that shrinks with the kept tokens.
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ from .pruning import (
     gather_slots,
     inter_alignment,
     intra_alignment,
-    local_from_mask,
     select_topk,
+    static_plan,
 )
 
 
@@ -139,15 +141,14 @@ class SpikingTransformer(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, masks: TokenMasks | None = None, align: bool = False) -> ModelOutput:
+        if masks is not None:
+            return self._forward_static(x, masks, align)
         cfg, pr = self.cfg, self.cfg.prune
         x = self.tokens(x)  # (T, B, N, D)
         T, B, N, _ = x.shape
         n_fixed = 1 if cfg.anchor else 0
         sites = set(pr.resolved_sites(cfg.depth)) if pr.active else set()
-        if masks is not None:
-            masks.check_model(cfg)
-            sites = set(masks.sites)
-        skip_mode = (masks.mode == "skip") if masks is not None else (pr.method == "tp")
+        skip_mode = pr.method == "tp"
         first = min(sites) if sites else cfg.depth
         align_sites = set(pr.resolved_align_sites(cfg.depth)) if (align and pr.align) else set()
         index: TokenIndex | None = None
@@ -156,18 +157,14 @@ class SpikingTransformer(nn.Module):
         maps: dict[int, torch.Tensor] = {}
         per_block: list[int] = []
         for i, blk in enumerate(self.blocks):
-            if skip_mode and i >= first and (masks is None or i in sites):
-                x, info, sel = self._skip_block(blk, x, i, masks, n_fixed)
+            if skip_mode and i >= first:
+                x, info, sel = self._skip_block(blk, x, i, None, n_fixed)
                 kept[i] = sel
                 per_block.append(sel.shape[-1])
             else:
                 if i in sites:
-                    if masks is not None:
-                        local = local_from_mask(index, masks.sites[i], B, x.device)
-                        tw = bool((masks.sites[i] != masks.sites[i][:1]).any()) or (index is not None and index.timestep_wise)
-                    else:
-                        scores, tw = SCORERS.get(pr.method)(x, info, generator=self.generator, grid=cfg.grid)
-                        local = select_topk(scores.detach(), tw, T, pr.keep, n_fixed)
+                    scores, tw = SCORERS.get(pr.method)(x, info, generator=self.generator, grid=cfg.grid)
+                    local = select_topk(scores.detach(), tw, T, pr.keep, n_fixed)
                     x = gather_slots(x, local)
                     index = compose(index, local, N, tw)
                     kept[i] = index.idx
@@ -175,6 +172,40 @@ class SpikingTransformer(nn.Module):
                 per_block.append(x.shape[2])
             if i in align_sites:
                 maps[i] = info.attention_map()
+        return self._finish(x, n_fixed, kept, maps, per_block)
+
+    def _forward_static(self, x: torch.Tensor, masks: TokenMasks, align: bool) -> ModelOutput:
+        """Forward with static masks: the kept slots are gathered with precomputed indices; after a site whose
+        tokens differ between timesteps the neurons follow the site's precomputed schedule (neurons.LIFSchedule).
+        Skip mode (TP): the kept tokens of a site go through its block, the others keep their input."""
+        cfg, pr = self.cfg, self.cfg.prune
+        plan = static_plan(masks, cfg)
+        x = self.tokens(x)  # (T, B, N, D)
+        B, N = x.shape[1], x.shape[2]
+        n_fixed = 1 if cfg.anchor else 0
+        align_sites = set(pr.resolved_align_sites(cfg.depth)) if (align and pr.align) else set()
+        index: TokenIndex | None = None
+        kept: dict[int, torch.Tensor] = {}
+        maps: dict[int, torch.Tensor] = {}
+        per_block: list[int] = []
+        for i, blk in enumerate(self.blocks):
+            sp = plan.sites.get(i)
+            if sp is not None and plan.mode == "skip":
+                x, info, kept[i] = self._skip_block(blk, x, i, masks, n_fixed)
+                per_block.append(sp.k)
+            else:
+                if sp is not None:
+                    x = sp.gather(x)
+                    index = sp.index(B, x.device)
+                    kept[i] = index.idx
+                x, info = blk(x, index)
+                per_block.append(x.shape[2])
+            if i in align_sites:
+                maps[i] = info.attention_map()
+        return self._finish(x, n_fixed, kept, maps, per_block)
+
+    def _finish(self, x, n_fixed, kept, maps, per_block) -> ModelOutput:
+        pr = self.cfg.prune
         img = x[:, :, n_fixed:] if n_fixed else x
         logits_t = self.head(img.mean(2))  # (T, B, classes)
         aux = None
@@ -188,15 +219,17 @@ class SpikingTransformer(nn.Module):
         return ModelOutput(logits_t.mean(0), logits_t, kept, aux, per_block)
 
     def _skip_block(self, blk, x, i, masks, n_fixed):
-        """TP block-level early stopping: selected tokens go through the block; the rest keep their input."""
+        """TP block-level early stopping: selected tokens go through the block; the rest keep their input (dynamic
+        selection; with static ``masks`` the site's precomputed plan)."""
         cfg = self.cfg
         T, B, N, D = x.shape
         if masks is not None:
-            local = local_from_mask(None, masks.sites[i], B, x.device)
-        else:
-            img = x[:, :, n_fixed:]
-            scores, _ = SCORERS.get("tp")(img, None, grid=cfg.grid)
-            local = select_topk(torch.cat([scores.new_zeros(B, n_fixed), scores], 1), False, T, cfg.prune.keep, n_fixed)
+            sp = static_plan(masks, cfg).sites[i]
+            y, info = blk(sp.gather(x), sp.index(B, x.device))
+            return sp.put_back(x, y), info, sp.kept(B, x.device)
+        img = x[:, :, n_fixed:]
+        scores, _ = SCORERS.get("tp")(img, None, grid=cfg.grid)
+        local = select_topk(torch.cat([scores.new_zeros(B, n_fixed), scores], 1), False, T, cfg.prune.keep, n_fixed)
         index = TokenIndex(local, N, False)
         y, info = blk(gather_slots(x, local), index)
         out = x.scatter(2, local.unsqueeze(-1).expand(*local.shape, D), y)

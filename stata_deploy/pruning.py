@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .attention import AttnInfo
 from .errors import StataError
-from .neurons import TokenIndex
+from .neurons import LIFSchedule, TokenIndex
 from .registry import Registry
 
 # ----------------------------------------------------------------------------------------------- scorers
@@ -250,6 +250,107 @@ def local_from_mask(index: TokenIndex | None, mask: np.ndarray, B: int, device) 
     cur = index.idx[:, 0]  # (T, n) static masks: same slots for every sample
     local = torch.searchsorted(cur.contiguous(), g)
     return local.unsqueeze(1).expand(-1, B, -1)
+
+
+# ------------------------------------------------------------------------------------- static plans
+class SitePlan:
+    """What static masks fix at one site, precomputed: the slots to gather and the token index after it.
+
+    ``positions`` (T, k): global positions kept (ascending per timestep); ``local`` (T, k): their slot numbers among
+    the slots present before the site (drop mode) or in the full sequence (skip mode); ``gather_tw``: ``local``
+    differs between timesteps; ``tw``: ``positions`` differ between timesteps (the neurons after the site then
+    follow ``schedule``; otherwise the slots are the neurons, as without pruning).
+    """
+
+    def __init__(self, site: int, positions: np.ndarray, local: np.ndarray, n_full: int, mode: str):
+        self.site, self.positions, self.local, self.n_full, self.mode = site, positions, local, n_full, mode
+        self.T, self.k = positions.shape
+        self.gather_tw = bool((local != local[:1]).any())
+        self.tw = bool((positions != positions[:1]).any())
+        self.schedule = LIFSchedule(positions) if (self.tw and mode == "drop") else None
+        self._cache: dict = {}
+
+    def _tensor(self, name: str, device) -> torch.Tensor:
+        key = (name, str(device))
+        if key not in self._cache:
+            a = self.local if name == "local" else self.positions
+            self._cache[key] = torch.as_tensor(a, device=device)
+        return self._cache[key]
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """x (T, B, n, D) -> the kept slots (T, B, k, D)."""
+        local = self._tensor("local", x.device)
+        if not self.gather_tw:
+            return x.index_select(2, local[0])
+        if torch.is_grad_enabled() and x.requires_grad:
+            T, B, _, D = x.shape
+            return torch.gather(x, 2, local.view(T, 1, self.k, 1).expand(T, B, self.k, D))
+        out = x.new_empty((x.shape[0], x.shape[1], self.k, *x.shape[3:]))
+        for t in range(x.shape[0]):
+            torch.index_select(x[t], 1, local[t], out=out[t])
+        return out
+
+    def put_back(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Skip mode: x (T, B, N, D) with the kept slots replaced by the block's output y (T, B, k, D)."""
+        local = self._tensor("local", x.device)
+        if not self.gather_tw:
+            return x.index_copy(2, local[0], y)
+        T, B, _, D = x.shape
+        return x.scatter(2, local.view(T, 1, self.k, 1).expand(T, B, self.k, D), y)
+
+    def kept(self, B: int, device) -> torch.Tensor:
+        """(T, B, k) global kept positions (the ``ModelOutput.kept`` format)."""
+        return self._tensor("positions", device).unsqueeze(1).expand(self.T, B, self.k)
+
+    def index(self, B: int, device) -> TokenIndex:
+        """The token index of the slots after this site (drop mode) or inside the block (skip mode: dense)."""
+        if self.mode == "skip":
+            return TokenIndex(self.kept(B, device), self.n_full, False)
+        return TokenIndex(self.kept(B, device), self.n_full, self.tw, self.schedule)
+
+
+class StaticPlan:
+    """Index tensors and neuron schedules for a ``TokenMasks`` object, computed once (``static_plan``)."""
+
+    def __init__(self, masks: TokenMasks):
+        self.mode, self.T, self.n_full = masks.mode, masks.T, masks.n_full
+        self.sites: dict[int, SitePlan] = {}
+        prev = None  # (T, n) global positions of the slots present (drop mode), None = all tokens
+        for s in sorted(masks.sites):
+            pos = np.stack([np.flatnonzero(r) for r in masks.sites[s]]).astype(np.int64)
+            if self.mode == "drop" and prev is not None:
+                local = np.stack([np.searchsorted(prev[t], pos[t]) for t in range(self.T)]).astype(np.int64)
+            else:
+                local = pos
+            self.sites[s] = SitePlan(s, pos, local, self.n_full, self.mode)
+            if self.mode == "drop":
+                prev = pos
+        self.checked: set = set()
+
+    def check_model(self, masks: TokenMasks, cfg) -> None:
+        key = (cfg.T, cfg.num_tokens, cfg.anchor, cfg.depth)
+        if key not in self.checked:
+            masks.check_model(cfg)
+            self.checked.add(key)
+
+
+def _fingerprint(masks: TokenMasks) -> tuple:
+    return (masks.mode, masks.T, masks.n_full,
+            tuple((s, m.shape, np.asarray(m, dtype=bool).tobytes()) for s, m in sorted(masks.sites.items())))
+
+
+def static_plan(masks: TokenMasks, cfg=None) -> StaticPlan:
+    """The ``StaticPlan`` of ``masks``, cached on the object (rebuilt if its masks were edited); with ``cfg`` the
+    masks are checked against the model once."""
+    fp = _fingerprint(masks)
+    cached = getattr(masks, "_static_plan", None)
+    if cached is None or cached[0] != fp:
+        cached = (fp, StaticPlan(masks))
+        object.__setattr__(masks, "_static_plan", cached)
+    plan = cached[1]
+    if cfg is not None:
+        plan.check_model(masks, cfg)
+    return plan
 
 
 # ------------------------------------------------------------------------------------------ alignment
