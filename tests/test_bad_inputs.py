@@ -298,26 +298,15 @@ def inputs(tmp_path_factory, digits, base_run, trained_run):
     (d / "img_400mp.png").write_bytes(b"\x89PNG\r\n\x1a\n" + ihdr + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
     p["img_400mp"] = str(d / "img_400mp.png")
     if "onnx" in p:
-        import onnx
-        from onnx import numpy_helper
+        from test_input_checks import _onnx_variant  # one ONNX-variant maker for both catalogues
 
-        def _onnx_variant(key, desc_fn=None, nan=False):
-            m = onnx.load(p["onnx"])
-            if desc_fn:
-                dd = json.loads(m.metadata_props[0].value)
-                desc_fn(dd)
-                m.metadata_props[0].value = json.dumps(dd)
-            if nan:
-                t = m.graph.initializer[0]
-                a = numpy_helper.to_array(t).copy()
-                a.flat[0] = np.nan
-                t.CopyFrom(numpy_helper.from_array(a, t.name))
-            onnx.save(m, str(d / f"{key}.onnx"))
-            p[key] = str(d / f"{key}.onnx")
+        def variant(key, desc_fn=None, nan=False):
+            p[key] = str(_onnx_variant(Path(p["onnx"]), d / f"{key}.onnx", desc_fn,
+                                       (lambda a: a.flat.__setitem__(0, np.nan)) if nan else None))
 
-        _onnx_variant("onnx_nan", nan=True)
-        _onnx_variant("onnx_T8", lambda dd: (dd.update(T=8), dd["config"].update(T=8)))
-        _onnx_variant("onnx_T_true", lambda dd: dd["config"].update(T=True))
+        variant("onnx_nan", nan=True)
+        variant("onnx_T8", lambda dd: (dd.update(T=8), dd["config"].update(T=8)))
+        variant("onnx_T_true", lambda dd: dd["config"].update(T=True))
     if "export" in main.commands:
         r = CliRunner().invoke(main, ["export", str(base_run), "--to", "nir", "--out", str(d / "m.nir")])
         if r.exit_code == 0:
