@@ -220,8 +220,14 @@ def test_interrupted_run_leaves_no_process_or_shared_memory(lava_rts, digits):
             return read_reply()
 
         w._read_reply = interrupted_read_reply
-        with pytest.raises(KeyboardInterrupt):
-            rt.run(digits.x_test[:400])
+        # a process started in the background by a non-interactive shell inherits SIGINT as *ignored*: make Ctrl-C
+        # raise KeyboardInterrupt here whatever the environment (a CI run once waited the full 300 s timeout)
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                rt.run(digits.x_test[:400])
+        finally:
+            signal.signal(signal.SIGINT, previous)
         assert rt.last_worker is w
         assert w.shm_names, "the worker logged no shared memory before the interrupt"
         assert _group_gone(w.pgid)
