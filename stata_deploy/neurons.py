@@ -143,12 +143,7 @@ def _static_forward(x: torch.Tensor, tau: float, v_th: float, v_reset: float, te
             torch.sub(x[t], v if v_reset == 0.0 else v - v_reset, out=h)
             h.div_(tau)
             h.add_(v)
-        if ternary:
-            out[t] = _fire(h, v_th, True)
-            torch.ne(out[t], 0, out=fired)
-        else:
-            torch.ge(h, v_th, out=fired)
-            out[t].copy_(fired)
+        _fire_into(out[t], fired, h, v_th, ternary)
         if t < T - 1:
             h.masked_fill_(fired, v_reset)
         prev = h
@@ -174,6 +169,16 @@ def _fire(h: torch.Tensor, v_th: float, ternary: bool) -> torch.Tensor:
     return s
 
 
+def _fire_into(out_t: torch.Tensor, fired: torch.Tensor, h: torch.Tensor, v_th: float, ternary: bool) -> None:
+    """The spikes of one timestep into out_t, and which neurons fired (to reset) into the bool buffer ``fired``."""
+    if ternary:
+        out_t.copy_(_fire(h, v_th, True))
+        torch.ne(out_t, 0, out=fired)
+    else:
+        torch.ge(h, v_th, out=fired)
+        out_t.copy_(fired)
+
+
 class _MultiStepNeuron(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, tau, v_th, v_reset, alpha, ternary, idx, n_full):
@@ -193,12 +198,7 @@ class _MultiStepNeuron(torch.autograd.Function):
                 torch.sub(x[t], v if v_reset == 0.0 else v - v_reset, out=h)
                 h.div_(tau)
                 h.add_(v)
-                if ternary:
-                    out[t] = _fire(h, v_th, True)
-                    torch.ne(out[t], 0, out=fired)
-                else:
-                    torch.ge(h, v_th, out=fired)
-                    out[t].copy_(fired)
+                _fire_into(out[t], fired, h, v_th, ternary)
                 v = h.masked_fill(fired, v_reset)
         else:
             B, k = idx.shape[1], idx.shape[2]
