@@ -356,6 +356,13 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     if not a.table_only:
+        from stata_deploy.data import load_dataset
+        from stata_deploy.errors import StataError
+
+        try:  # one clear line before 45 children fail one after another on the same missing dataset
+            load_dataset(a.dataset, T=4)
+        except StataError as e:
+            sys.exit(f"error: {e}")
         # gamma-major: the unpruned runs of every seed, then every scorer x seed at the first gamma (and TP at it),
         # then the next gamma -- so a study cut short answers the first gamma's claims with n = len(seeds)
         blocks = [[("none", None, s) for s in seeds if "none" in variants]]
