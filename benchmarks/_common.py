@@ -58,7 +58,7 @@ class MacReport:
 
 def tokens_per_block(cfg) -> list[int]:
     """Slots each block computes on, following SpikingTransformer.forward (drop mode; tp: selected tokens)."""
-    from stata_deploy.pruning import num_keep
+    from stata_deploy.pruning.scorers import num_keep
 
     pr = cfg.prune
     n_fixed = 1 if cfg.anchor else 0

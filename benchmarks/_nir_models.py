@@ -14,8 +14,8 @@ import torch
 
 def lively_model(preset: str, prune: str = "none", keep: float = 1.0, x_cal=None, seed: int = 0):
     from stata_deploy.config import make_config
-    from stata_deploy.model import build_model
-    from stata_deploy.pruning import calibrate_masks
+    from stata_deploy.nn.model import build_model
+    from stata_deploy.pruning.calibration import calibrate_masks
 
     torch.manual_seed(seed)
     cfg = make_config(preset, prune=dict(method=prune, keep=keep))
@@ -37,7 +37,8 @@ def lively_model(preset: str, prune: str = "none", keep: float = 1.0, x_cal=None
 
 def time_varying_masks(cfg, keep: float = 0.5, site: int = 1, extra: int = 6, seed: int = 1):
     """Drop-mode masks for one site whose kept set differs per timestep (union = k + extra tokens)."""
-    from stata_deploy.pruning import TokenMasks, num_keep
+    from stata_deploy.pruning.masks import TokenMasks
+    from stata_deploy.pruning.scorers import num_keep
 
     rng = np.random.default_rng(seed)
     T, n, a = cfg.T, cfg.num_tokens, 1 if cfg.anchor else 0

@@ -124,10 +124,10 @@ def run_dir(a, variant: str, gamma: float | None, seed: int) -> Path:
 
 
 def child(a) -> None:
-    """--child VARIANT GAMMA SEED: train one run (stata_deploy.train.train, the API the CLI wraps)."""
+    """--child VARIANT GAMMA SEED: train one run (stata_deploy.train.loop.train, the API the CLI wraps)."""
     import torch
 
-    from stata_deploy.train import TrainConfig, train
+    from stata_deploy.train.loop import TrainConfig, train
 
     variant, gamma, seed = a.child[0], float(a.child[1]), int(a.child[2])
     method, align = VARIANTS[variant]
@@ -326,7 +326,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gammas", default="0.5,0.3", help="in the order they are run")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--train-limit", type=int, default=30000, help="first N training images (0: all 60,000)")
+    ap.add_argument("--train-limit", type=int, default=0, help="first N training images (0: all 60,000)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup-epochs", type=int, default=0)
@@ -356,7 +356,7 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     if not a.table_only:
-        from stata_deploy.data import load_dataset
+        from stata_deploy.train.data import load_dataset
         from stata_deploy.errors import StataError
 
         try:  # one clear line before 45 children fail one after another on the same missing dataset

@@ -35,12 +35,12 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from stata_deploy.checkpoint import load_model
+    from stata_deploy.train.checkpoint import load_model
     from stata_deploy.config import PruneConfig, make_config
-    from stata_deploy.data import load_dataset
+    from stata_deploy.train.data import load_dataset
     from stata_deploy.inference import run_torch
-    from stata_deploy.model import build_model
-    from stata_deploy.sops import count_ops
+    from stata_deploy.nn.model import build_model
+    from stata_deploy.energy.counter import count_ops
 
     models = {}
     if args.run:

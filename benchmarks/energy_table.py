@@ -15,7 +15,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -32,18 +31,18 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from stata_deploy.checkpoint import load_model
-    from stata_deploy.data import load_dataset
-    from stata_deploy.energy import estimate_energy, load_profile
+    from stata_deploy.train.checkpoint import load_model
+    from stata_deploy.train.data import load_dataset
+    from stata_deploy.energy.profiles import estimate_energy, load_profile
     from stata_deploy.inference import run_torch
-    from stata_deploy.model import build_model
-    from stata_deploy.sops import OpsReport, count_ops
+    from stata_deploy.nn.model import build_model
+    from stata_deploy.energy.counter import OpsReport, count_ops
 
-    from stata_deploy.commands.train_cmds import check_data_fits
+    from stata_deploy.cli.train import check_data_fits
 
     base_dir = args.base
     if base_dir is None:
-        from stata_deploy.train import TrainConfig, train
+        from stata_deploy.train.loop import TrainConfig, train
 
         train(TrainConfig(dataset="digits", model="spikformer-tiny", prune="stata", keep=1.0, epochs=args.train_epochs,
                           out=args.out, progress=False), ds=load_dataset("digits"), log=lambda s: None)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 def lively(preset: str, prune: bool, seed: int = 0):
     from stata_deploy.config import make_config
-    from stata_deploy.model import build_model
+    from stata_deploy.nn.model import build_model
     from stata_deploy.testing import liven_batchnorm, random_timestep_masks
 
     torch.manual_seed(seed)
@@ -53,7 +53,7 @@ def spike_mismatches(ref, res) -> tuple[int, int, float]:
 
 def bench_speed(args) -> dict:
     from exporters.nir_exporter import NirExporter
-    from stata_deploy.data import load_dataset
+    from stata_deploy.train.data import load_dataset
     from stata_deploy.inference import run_torch
 
     from runtimes.lava_runtime import LavaRuntime
@@ -89,11 +89,11 @@ def bench_speed(args) -> dict:
 
 def bench_parity(args) -> dict:
     from exporters.nir_exporter import NirExporter
-    from stata_deploy.checkpoint import load_model
-    from stata_deploy.data import load_dataset
+    from stata_deploy.train.checkpoint import load_model
+    from stata_deploy.train.data import load_dataset
     from stata_deploy.inference import run_torch
-    from stata_deploy.pruning import TokenMasks
-    from stata_deploy.sops import count_ops
+    from stata_deploy.pruning.masks import TokenMasks
+    from stata_deploy.energy.counter import count_ops
 
     from runtimes.lava_runtime import LavaRuntime
 

@@ -21,14 +21,13 @@ from pathlib import Path
 warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
 def build(args, attention, prune):
-    from stata_deploy.checkpoint import load_model
+    from stata_deploy.train.checkpoint import load_model
     from stata_deploy.config import PruneConfig, make_config
-    from stata_deploy.model import build_model
+    from stata_deploy.nn.model import build_model
 
     if args.run:
         model, _ = load_model(args.run)
@@ -79,9 +78,9 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(2)
 
-    from stata_deploy.data import load_dataset
+    from stata_deploy.train.data import load_dataset
     from stata_deploy.inference import run_torch
-    from stata_deploy.sops import count_ops
+    from stata_deploy.energy.counter import count_ops
 
     ds = load_dataset("digits")
     x = torch.from_numpy(ds.x_test[: args.limit])

@@ -32,9 +32,9 @@ def main():
     torch.set_num_threads(1)
     from exporters.nir_exporter import NirExporter
     from runtimes.nir_runtime import NirRuntime, inspect
-    from stata_deploy.data import load_dataset
+    from stata_deploy.train.data import load_dataset
     from stata_deploy.inference import run_torch
-    from stata_deploy.pruning import TokenMasks
+    from stata_deploy.pruning.masks import TokenMasks
 
     ds = load_dataset("digits")
     xcal = ds.x_train[:64]

@@ -65,10 +65,11 @@ def export(args) -> None:
     from _nir_models import lively_model
     from exporters.nir_exporter import NirExporter
     from runtimes.nir_graph import execute, read_graph, simulate
-    from stata_deploy.checkpoint import load_model
-    from stata_deploy.data import load_dataset
+    from stata_deploy.train.checkpoint import load_model
+    from stata_deploy.train.data import load_dataset
     from stata_deploy.inference import run_torch
-    from stata_deploy.pruning import TokenMasks, calibrate_masks
+    from stata_deploy.pruning.masks import TokenMasks
+    from stata_deploy.pruning.calibration import calibrate_masks
 
     torch.set_num_threads(1)
     out = Path(args.out)

@@ -226,10 +226,11 @@ def main():
         sys.exit(f"snntorch is not installed ({e}); pip install --no-deps snntorch==1.0.0 nirtorch==2.6")
     from exporters.nir_exporter import NirExporter
     from runtimes.nir_graph import read_graph, simulate
-    from stata_deploy.checkpoint import load_model
-    from stata_deploy.data import load_dataset
+    from stata_deploy.train.checkpoint import load_model
+    from stata_deploy.train.data import load_dataset
     from stata_deploy.inference import run_torch
-    from stata_deploy.pruning import TokenMasks, calibrate_masks
+    from stata_deploy.pruning.masks import TokenMasks
+    from stata_deploy.pruning.calibration import calibrate_masks
 
     ds = load_dataset("digits")
     xcal = ds.x_train[:64]

@@ -49,7 +49,8 @@ def tw_masks(cfg, keep: float, seed: int = 0):
     """Static masks keeping a random ceil(keep * n) image tokens per timestep at every site (anchor kept)."""
     import numpy as np
 
-    from stata_deploy.pruning import TokenMasks, num_keep
+    from stata_deploy.pruning.masks import TokenMasks
+    from stata_deploy.pruning.scorers import num_keep
 
     rng = np.random.default_rng(seed)
     T, n = cfg.T, cfg.num_tokens
@@ -70,7 +71,7 @@ def build(preset: str, gamma: float | None):
     import torch
 
     from stata_deploy.config import PruneConfig, make_config
-    from stata_deploy.model import build_model
+    from stata_deploy.nn.model import build_model
     from stata_deploy.testing import liven_batchnorm
 
     torch.manual_seed(0)
@@ -173,7 +174,6 @@ def ratio_stats(num: list, den: list) -> tuple[float, float, float]:
 def gemm_peak(threads: int) -> dict:
     """float32 GEMM GFLOP/s on this machine: torch.mm and a one-node ONNX Runtime MatMul (MLAS, what the model's
     MatMul/Conv kernels use) at the block's fc1 shape at batch 1 (T*N rows), an im2col-sized stem conv and 2048^3."""
-    import numpy as np
     import onnx
     import onnxruntime as ort
     import torch
@@ -239,7 +239,6 @@ def profile_ort(path: Path, x, threads: int, reps: int = 10, warm: int = 3) -> l
 
 
 def profile_torch(conf: Config, x, reps: int = 5) -> list[tuple[str, float, int]]:
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     run = conf.runner("torch", x)

@@ -1,6 +1,6 @@
 """One SOP table, several runtimes: the same test inputs through torch, ONNX Runtime, our NIR reader and Lava.
 
-Every runtime returns its own spikes (``RunResult``); the one shared counter (``stata_deploy.sops.count_ops``) turns
+Every runtime returns its own spikes (``RunResult``); the one shared counter (``stata_deploy.energy.counter.count_ops``) turns
 them into per-layer operation counts. If the runtimes compute the same spikes, the tables are equal number for number.
 
     python benchmarks/runtime_sops.py runs/demo/stata            # needs RUN/model.onnx and RUN/model.nir
@@ -28,10 +28,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=50)
     args = ap.parse_args(argv)
 
-    from stata_deploy.checkpoint import load_config
-    from stata_deploy.data import load_dataset
+    from stata_deploy.train.checkpoint import load_config
+    from stata_deploy.train.data import load_dataset
     from stata_deploy.registry import RUNTIMES
-    from stata_deploy.sops import count_ops
+    from stata_deploy.energy.counter import count_ops
 
     run = Path(args.run)
     names = [n.strip() for n in args.runtimes.split(",") if n.strip()]

@@ -24,7 +24,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import _common as C
 
@@ -35,7 +34,7 @@ def build(args, gamma: float | None, method: str):
     import torch
 
     from stata_deploy.config import PruneConfig, make_config
-    from stata_deploy.model import build_model
+    from stata_deploy.nn.model import build_model
 
     prune = PruneConfig() if gamma is None else PruneConfig(method=method, keep=gamma, sites=args.site_list)
     cfg = make_config(args.preset, img_size=args.img, in_channels=3, num_classes=args.classes, T=args.T, prune=prune)

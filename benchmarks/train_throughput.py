@@ -24,7 +24,7 @@ def run(preset: str, img: int, batch: int, T: int, warmup: int, steps: int) -> d
     import torch.nn.functional as F
 
     from stata_deploy.config import make_config
-    from stata_deploy.model import build_model, count_params
+    from stata_deploy.nn.model import build_model, count_params
 
     cfg = make_config(preset, img_size=img, in_channels=3, num_classes=10, T=T)
     torch.manual_seed(0)

@@ -30,7 +30,7 @@ import numpy as np
 from stata_deploy.errors import StataError, UnsupportedOpError
 from stata_deploy.exporter_api import Exporter
 from stata_deploy.fileio import atomic_write_bytes
-from stata_deploy.pruning import TokenMasks
+from stata_deploy.pruning.masks import TokenMasks
 
 W_SCALE = 64  # 2**6: fixed-point scale of weights, biases and thresholds
 WMIN, WMAX = -256, 254  # netx's optimize_weight_bits range

@@ -53,11 +53,11 @@ from pathlib import Path
 import numpy as np
 
 from stata_deploy import description
-from stata_deploy.attention import A2OS2A, SDSA, SSA, LinearBN
+from stata_deploy.nn.attention import A2OS2A, SDSA, SSA, LinearBN
 from stata_deploy.errors import StataError, UnsupportedOpError
 from stata_deploy.exporter_api import Exporter
-from stata_deploy.neurons import LIF, ReLUNeuron, TernaryLIF
-from stata_deploy.pruning import TokenMasks
+from stata_deploy.nn.neurons import LIF, ReLUNeuron, TernaryLIF
+from stata_deploy.pruning.masks import TokenMasks
 
 NIR_DT = 1e-4  # the Euler step every LIF's tau is expressed in (tau = tau_steps * NIR_DT); the one place it is set
 GATE_TH = 1.5  # threshold of the memoryless AND gate on a + b for binary a, b
@@ -453,7 +453,7 @@ def build_graph(model, masks: TokenMasks | None, weights_sha256: str | None = No
     """Lower ``model`` (+ static masks) to (nir.NIRGraph, description dict)."""
     import nir
 
-    from stata_deploy.model import SpikingTransformer
+    from stata_deploy.nn.model import SpikingTransformer
 
     if not isinstance(model, SpikingTransformer):
         raise StataError(f"not a stata-deploy model ({type(model).__name__}); export a run folder written by "

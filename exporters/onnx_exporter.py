@@ -10,7 +10,7 @@ The graph (opset 18, standard ``ai.onnx`` domain only, ``onnx.checker`` full che
   compared number for number. Dynamic-mask exports add ``kept.<site>`` (T, B, k) int64 kept token positions.
 * T is unrolled. LIF state is explicit inside the graph: a token not kept at timestep t receives no input and its
   membrane decays by ``(1 - 1/tau)`` per skipped step (the contract in ``stata_deploy/neurons.py``), so a dropped
-  token never spikes. Static masks are compiled at export (``stata_deploy.pruning.static_plan``): the kept slots are
+  token never spikes. Static masks are compiled at export (``stata_deploy.pruning.masks.static_plan``): the kept slots are
   gathered with constant int64 indices (initializers ``stata_gather_site<i>[_t<t>]``), and where the kept tokens
   differ between timesteps each neuron starts a step from constant-index gathers of the membranes its tokens had
   when last kept (``neurons.LIFSchedule``): no TopK/CumSum/Scatter, no full-N membrane buffer, nothing computed for
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -46,8 +45,8 @@ from stata_deploy import description
 from stata_deploy.errors import StataError, UnsupportedOpError
 from stata_deploy.exporter_api import Exporter
 from stata_deploy.inference import neuron_layers
-from stata_deploy.neurons import NEURON_TYPES, ReLUNeuron, TokenIndex, multistep_neuron_traceable
-from stata_deploy.pruning import TokenMasks, static_plan
+from stata_deploy.nn.neurons import NEURON_TYPES, ReLUNeuron, TokenIndex, multistep_neuron_traceable
+from stata_deploy.pruning.masks import TokenMasks, static_plan
 
 FORMAT = "stata-deploy-onnx/1"
 META_KEY = description.META_KEY

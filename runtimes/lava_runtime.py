@@ -50,7 +50,7 @@ Timing (explicit)
 Token pruning
     Tokens never kept are structurally absent from the graph; the per-timestep schedule (T, n) of each token segment
     multiplies the outputs of that segment's ops and gates each neuron's input (a dropped token gets no input, so its
-    membrane decays and it stays silent: the documented semantics of ``stata_deploy.neurons``). Results are
+    membrane decays and it stays silent: the documented semantics of ``stata_deploy.nn.neurons``). Results are
     converted to the torch slot layout (pruned tokens absent) before they are returned. Note: in a static-topology
     simulation a token dropped at some timesteps is still computed (masked) at those timesteps.
 
@@ -65,7 +65,7 @@ Precision
 Process safety
     The simulation runs in a child process (``runtimes.lava_worker``, numpy + lava only) in its own process group,
     with a hard timeout; its network spec is JSON + one npz (no pickle). ``close`` asks it to stop Lava (3 s grace);
-    on failure, timeout, Ctrl-C, SIGTERM/SIGHUP of the CLI (``stata_deploy.cli.Terminated``), garbage collection or
+    on failure, timeout, Ctrl-C, SIGTERM/SIGHUP of the CLI (``stata_deploy.cli.main.Terminated``), garbage collection or
     interpreter exit, and after every close, the whole group is killed, every shared-memory segment it logged is
     unlinked and its temp folder removed. If the parent dies without cleaning up (SIGKILL), the worker gets
     SIGTERM (Linux parent-death signal) and does the same itself; on end of input it exits without Lava's stop().
@@ -90,7 +90,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from stata_deploy.errors import DataError, StataError, UnsupportedOpError
-from stata_deploy.neurons import TAU, V_RESET, V_TH
+from stata_deploy.nn.neurons import TAU, V_RESET, V_TH
 from stata_deploy.results import RunResult
 from stata_deploy.runtime_api import Runtime
 
@@ -107,7 +107,7 @@ class LavaTimeout(StataError):
 class _Worker:
     """The Lava simulation in a child process (its own session/process group) with a hard timeout.
 
-    Any failure, timeout, Ctrl-C / SIGTERM / SIGHUP (``stata_deploy.cli.Terminated``) or close() that is not a clean
+    Any failure, timeout, Ctrl-C / SIGTERM / SIGHUP (``stata_deploy.cli.main.Terminated``) or close() that is not a clean
     stop kills the whole process group (Lava forks a process per Lava process plus a shared-memory manager),
     unlinks every shared-memory segment the group logged (runtimes.lava_worker logs them before it creates them)
     and removes the temporary folder. If this process dies without cleaning up (SIGKILL), the worker does it: it
@@ -925,7 +925,7 @@ def _Runtime_cleanup(holder):
 def _load_nir(path: Path):
     """(IR graph, ModelConfig, TokenMasks | None) from a .nir file exported by stata-deploy."""
     from stata_deploy.config import ModelConfig
-    from stata_deploy.pruning import TokenMasks
+    from stata_deploy.pruning.masks import TokenMasks
 
     from runtimes.nir_graph import read_graph
 

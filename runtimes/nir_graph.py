@@ -50,7 +50,7 @@ segment ``Graph.segments[sid]`` (a ``TokenSegment``: the positions of its n toke
 order, and the static schedule (T, n) of which of them are kept at each timestep). Tokens never kept at any timestep are absent from the graph (structural removal). At timestep t the
 executor multiplies such an op's output by ``schedule[t]`` along the last axis, and a LIF / ternary neuron of a
 masked token receives zero input, so its membrane decays (V <- v_reset + (V - v_reset)(1 - 1/tau_steps)) and it
-cannot spike: exactly the token-state contract of ``stata_deploy.neurons``.
+cannot spike: exactly the token-state contract of ``stata_deploy.nn.neurons``.
 
 Recording: ops (and host ops) carrying ``layer`` (the torch module name, e.g. ``blocks.0.attn.q_lif``) are
 recorded into ``RunResult.spikes`` in the torch slot layout: ``layout == "grid"``: (T, B, C, H, W);

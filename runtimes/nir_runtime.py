@@ -11,7 +11,7 @@ import numpy as np
 
 from stata_deploy.config import ModelConfig
 from stata_deploy.errors import StataError
-from stata_deploy.pruning import TokenMasks
+from stata_deploy.pruning.masks import TokenMasks
 from stata_deploy.results import RunResult
 from stata_deploy.runtime_api import Runtime
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from stata_deploy.config import ModelConfig
 from stata_deploy.errors import ConfigError, StataError
-from stata_deploy.pruning import TokenMasks
+from stata_deploy.pruning.masks import TokenMasks
 from stata_deploy.results import RunResult
 from stata_deploy.runtime_api import Runtime
 
@@ -177,7 +177,7 @@ class OnnxRuntime(Runtime):
                 raise StataError(f"{self.path}: mask initializer of site {s} does not match the description")
         # The graph computes from constant indices derived from the masks at export (no node reads the masks):
         # a file whose masks were edited afterwards would silently run the old network, so refuse it.
-        from stata_deploy.pruning import static_plan
+        from stata_deploy.pruning.masks import static_plan
 
         idx = {t.name: t for t in proto.graph.initializer if t.name.startswith(GATHER_PREFIX)}
         for s, sp in static_plan(self.masks).sites.items():

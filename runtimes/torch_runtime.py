@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stata_deploy.checkpoint import load_model, resolve_run
+from stata_deploy.train.checkpoint import load_model, resolve_run
 from stata_deploy.inference import run_torch
-from stata_deploy.pruning import TokenMasks
+from stata_deploy.pruning.masks import TokenMasks
 from stata_deploy.results import RunResult
 from stata_deploy.runtime_api import Runtime
 

@@ -18,7 +18,7 @@ PRUNE_METHODS = ("none", "stata", "anchor", "random", "l1", "ssa", "tp")
 # integer, a string is not a number) before any model is built, so a config.json typo or a hand-edited value fails
 # with one line naming the field instead of allocating gigabytes first. The paper shapes (8-768 at 224x224) are far
 # inside them.
-MAX_CLASSES = 10_000  # also the bound on dataset labels (stata_deploy.data)
+MAX_CLASSES = 10_000  # also the bound on dataset labels (stata_deploy.train.data)
 MAX_T = 64  # timesteps (the same bound as `train --T`)
 INT_LIMITS: dict[str, tuple[int, int]] = {
     "img_size": (1, 1024),

@@ -69,7 +69,7 @@ def decode(raw, where: str) -> dict:
 
 def find_run(file: Path, run: str | Path | None) -> Path:
     """The run folder for ``--compare torch``: ``run`` when given, else the folder holding ``file``."""
-    from .checkpoint import resolve_run
+    from .train.checkpoint import resolve_run
 
     if run is not None:
         return resolve_run(run)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from .pruning import TokenMasks
+from .pruning.masks import TokenMasks
 
 
 class Exporter(ABC):

@@ -6,8 +6,8 @@ import time
 import numpy as np
 import torch
 
-from .neurons import NEURON_TYPES
-from .pruning import TokenMasks
+from .nn.neurons import NEURON_TYPES
+from .pruning.masks import TokenMasks
 from .results import RunResult
 
 

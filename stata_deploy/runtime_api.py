@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelConfig
-from .pruning import TokenMasks
+from .pruning.masks import TokenMasks
 from .results import RunResult
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .pruning import TokenMasks
+from .pruning.masks import TokenMasks
 
 
 def liven_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from stata_deploy.config import ModelConfig
-from stata_deploy.pruning import TokenMasks
+from stata_deploy.pruning.masks import TokenMasks
 from stata_deploy.results import RunResult
-from stata_deploy.sops import CountError, LayerOps, OpsReport
+from stata_deploy.energy.counter import CountError, LayerOps, OpsReport
 
 ATTENTIONS = ("ssa", "sdsa", "a2os2a")  # what this frozen counter knows (tests skip anything newer)
 METHODS = ("none", "stata", "anchor", "random", "l1", "ssa", "tp")

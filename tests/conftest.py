@@ -8,7 +8,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(scope="session")
 def digits():
-    from stata_deploy.data import load_dataset
+    from stata_deploy.train.data import load_dataset
 
     return load_dataset("digits")
 
@@ -16,7 +16,7 @@ def digits():
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, digits):
     """A tiny STATA-pruned model trained briefly on digits (shared by CLI/export/runtime tests)."""
-    from stata_deploy.train import TrainConfig, train
+    from stata_deploy.train.loop import TrainConfig, train
 
     out = tmp_path_factory.mktemp("runs") / "stata"
     train(TrainConfig(dataset="digits", model="spikformer-tiny", prune="stata", keep=0.5, epochs=2,
@@ -27,7 +27,7 @@ def trained_run(tmp_path_factory, digits):
 @pytest.fixture(scope="session")
 def base_run(tmp_path_factory, digits):
     """A tiny unpruned model trained briefly on digits."""
-    from stata_deploy.train import TrainConfig, train
+    from stata_deploy.train.loop import TrainConfig, train
 
     out = tmp_path_factory.mktemp("runs") / "base"
     train(TrainConfig(dataset="digits", model="spikformer-tiny", epochs=2, train_limit=400, out=str(out),

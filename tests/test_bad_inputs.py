@@ -24,7 +24,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +32,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from stata_deploy import checkpoint as ckpt
-from stata_deploy.cli import main
+from stata_deploy.train import checkpoint as ckpt
+from stata_deploy.cli.main import main
 
 
 # ---------------------------------------------------------------------------------------------------------------

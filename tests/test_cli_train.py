@@ -2,7 +2,7 @@ import json
 
 from click.testing import CliRunner
 
-from stata_deploy.cli import main
+from stata_deploy.cli.main import main
 
 
 def run(*args):

@@ -4,7 +4,7 @@ import struct
 import numpy as np
 import pytest
 
-from stata_deploy.data import load_dataset, load_image, read_idx, saccade_events
+from stata_deploy.train.data import load_dataset, load_image, read_idx, saccade_events
 from stata_deploy.errors import DataError
 
 

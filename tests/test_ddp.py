@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from stata_deploy import checkpoint as ckpt
-from stata_deploy.cli import main
-from stata_deploy.distributed import local_part, shard
+from stata_deploy.train import checkpoint as ckpt
+from stata_deploy.cli.main import main
+from stata_deploy.train.distributed import local_part, shard
 
 
 def test_shards_partition_every_global_batch():
@@ -81,10 +81,10 @@ def test_nproc_rejects_bad_counts(tmp_path):
 
 GRAD_CHECK = r'''
 import torch, numpy as np, torch.nn.functional as F
-from stata_deploy import distributed as D
-from stata_deploy.data import load_dataset
+from stata_deploy.train import distributed as D
+from stata_deploy.train.data import load_dataset
 from stata_deploy.config import make_config
-from stata_deploy.model import build_model
+from stata_deploy.nn.model import build_model
 torch.set_num_threads(1)
 env, dev = D.setup("cpu")
 ds = load_dataset("digits"); x, y = ds.x_train[:13], ds.y_train[:13]   # 13: uneven shards (7 + 6)

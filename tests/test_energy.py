@@ -6,9 +6,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from stata_deploy.cli import main
-from stata_deploy.energy import ProfileError, builtin_profiles, estimate_energy, load_profile
-from stata_deploy.sops import OP_KINDS, LayerOps, OpsReport
+from stata_deploy.cli.main import main
+from stata_deploy.energy.profiles import ProfileError, builtin_profiles, estimate_energy, load_profile
+from stata_deploy.energy.counter import OP_KINDS, LayerOps, OpsReport
 
 
 def _report(**counts):
@@ -66,9 +66,9 @@ def test_missing_cost_is_an_error_naming_the_op(tmp_path):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """An unpruned and a STATA-pruned tiny model (same weights, untrained, livelier BN) saved as run folders."""
-    from stata_deploy.checkpoint import save_model
+    from stata_deploy.train.checkpoint import save_model
     from stata_deploy.config import make_config
-    from stata_deploy.model import build_model
+    from stata_deploy.nn.model import build_model
 
     root = tmp_path_factory.mktemp("energy")
     torch.manual_seed(0)

@@ -15,11 +15,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from stata_deploy import checkpoint as ckpt
-from stata_deploy import data as data_mod
+from stata_deploy.train import checkpoint as ckpt
+from stata_deploy.train import data as data_mod
 from stata_deploy.config import (INT_LIMITS, MAX_CLASSES, PRESETS, ModelConfig, PruneConfig, estimate_params,
                                  make_config)
-from stata_deploy.data import MAX_IMAGE_PIXELS, intensities, labels, load_dataset, load_image
+from stata_deploy.train.data import MAX_IMAGE_PIXELS, intensities, labels, load_dataset, load_image
 from stata_deploy.errors import CheckpointError, ConfigError, DataError, StataError
 
 
@@ -200,7 +200,7 @@ def test_every_preset_is_inside_the_bounds_and_numpy_ints_normalised():
 
 
 def test_param_estimate_matches_the_model():
-    from stata_deploy.model import build_model, count_params
+    from stata_deploy.nn.model import build_model, count_params
 
     for preset, kw in (("spikformer-tiny", {}), ("sdt-tiny", {}),
                        ("spikformer-tiny", {"prune": PruneConfig("stata", 0.5)})):
@@ -235,7 +235,7 @@ def test_safetensors_header_refuses_forged_or_truncated(tmp_path, base_run):
 
 def test_config_checked_before_any_model_is_built(tmp_path, base_run, monkeypatch):
     """depth 1e6 (past the bound) and depth 40 (inside it, but not what the weights hold) fail before build_model."""
-    import stata_deploy.model as model_mod
+    import stata_deploy.nn.model as model_mod
 
     def no_build(cfg):
         raise AssertionError(f"build_model called for depth {cfg.depth}")
@@ -396,7 +396,7 @@ def test_npy_images_checked_from_the_header(tmp_path, monkeypatch):
 def test_tchw_input_used_as_frames(tmp_path, base_run, digits):
     """A (T, C, H, W) .npy given to `run --image` is fed as T frames (not repeated); another T is refused."""
     from runtimes.torch_runtime import TorchRuntime
-    from stata_deploy.commands.run_cmds import _run_image
+    from stata_deploy.cli.run import _run_image
 
     rt = TorchRuntime(base_run)
     frames = digits.x_test[:4]  # 4 different digits as the 4 timesteps, (4, 1, 8, 8)
@@ -416,7 +416,7 @@ def test_tchw_input_used_as_frames(tmp_path, base_run, digits):
 # ------------------------------------------------------------------------------------------------- exported files
 @pytest.fixture(scope="module")
 def exported(base_run, tmp_path_factory):
-    from stata_deploy.cli import main
+    from stata_deploy.cli.main import main
 
     d = tmp_path_factory.mktemp("exp")
     out = {}

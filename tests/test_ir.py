@@ -8,15 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stata_deploy.attention import ATTENTIONS, SSA
+from stata_deploy.nn.attention import ATTENTIONS, SSA
 from stata_deploy.config import PruneConfig, make_config
 from stata_deploy.errors import StataError, UnsupportedOpError
 from stata_deploy.inference import neuron_layers, run_torch
 from stata_deploy.ir import build_ir, structure_ir
 from stata_deploy.ir.nodes import Add, Conv, Graph, Input, IRError, Neuron, Product, Select, TokenLinear
 from stata_deploy.ir.passes import ApplyMasks, DropNeverKept, FoldBatchNorm
-from stata_deploy.model import build_model
-from stata_deploy.pruning import TokenMasks
+from stata_deploy.nn.model import build_model
+from stata_deploy.pruning.masks import TokenMasks
 from stata_deploy.testing import liven_batchnorm, random_timestep_masks
 
 

@@ -25,7 +25,7 @@ BATCH = 16
 
 def lively_model(attention: str, seed: int = 0, anchor: bool = True, depth: int = 2):
     from stata_deploy.config import make_config
-    from stata_deploy.model import build_model
+    from stata_deploy.nn.model import build_model
     from stata_deploy.testing import liven_batchnorm
 
     torch.manual_seed(seed)
@@ -86,7 +86,7 @@ def lava_rts(nir_files):
 @needs_lava
 def test_parity_with_torch_every_layer_and_sops(nir_files, lava_rts, digits, attention):
     from stata_deploy.inference import run_torch
-    from stata_deploy.sops import count_ops
+    from stata_deploy.energy.counter import count_ops
 
     model, masks, path = nir_files[attention]
     x = digits.x_test[:N_SAMPLES]
@@ -153,7 +153,7 @@ def test_unpruned_tiny_presets_leave_ours_only_what_lava_lacks(tmp_path, preset)
     not feed one synapse)."""
     from exporters.nir_exporter import NirExporter
     from stata_deploy.config import make_config
-    from stata_deploy.model import build_model
+    from stata_deploy.nn.model import build_model
 
     from runtimes.lava_runtime import LavaRuntime
 

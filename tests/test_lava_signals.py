@@ -29,7 +29,7 @@ def small_nir(tmp_path_factory):
     """A lively depth-1 SSA model (every layer fires; one block keeps the build short) as a .nir file."""
     from exporters.nir_exporter import NirExporter
     from stata_deploy.config import make_config
-    from stata_deploy.model import build_model
+    from stata_deploy.nn.model import build_model
     from stata_deploy.testing import liven_batchnorm
 
     torch.manual_seed(0)

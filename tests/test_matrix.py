@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from stata_deploy.attention import ATTENTIONS
+from stata_deploy.nn.attention import ATTENTIONS
 from stata_deploy.registry import EXPORTERS, RUNTIMES
 
 READS = {".onnx": ("onnxruntime",), ".nir": ("nir", "lava"), ".net": ()}  # suffix -> runtimes reading such files
@@ -35,7 +35,7 @@ def _cells():
 @pytest.fixture(scope="module")
 def models():
     from stata_deploy.config import make_config
-    from stata_deploy.model import build_model
+    from stata_deploy.nn.model import build_model
     from stata_deploy.testing import liven_batchnorm, random_timestep_masks
 
     out = {}

@@ -5,8 +5,8 @@ import torch
 
 from stata_deploy.config import PRESETS, PruneConfig, make_config
 from stata_deploy.errors import ConfigError
-from stata_deploy.model import build_model, count_params
-from stata_deploy.neurons import LIF, ReLUNeuron, TernaryLIF
+from stata_deploy.nn.model import build_model, count_params
+from stata_deploy.nn.neurons import LIF, ReLUNeuron, TernaryLIF
 
 TINY = [p for p in PRESETS.names() if p.endswith("tiny")]
 
@@ -97,7 +97,7 @@ def test_keep_out_of_range_is_config_error(keep):
 
 
 def test_alignment_losses_zero_for_identical_positive_otherwise():
-    from stata_deploy.pruning import inter_alignment, intra_alignment
+    from stata_deploy.pruning.alignment import inter_alignment, intra_alignment
 
     same = torch.rand(1, 2, 1, 5, 5).expand(4, 2, 3, 5, 5).contiguous()
     assert intra_alignment(same).item() == 0.0
@@ -108,7 +108,7 @@ def test_alignment_losses_zero_for_identical_positive_otherwise():
 
 
 def test_static_masks_reproduce_their_token_sets(digits):
-    from stata_deploy.pruning import calibrate_masks
+    from stata_deploy.pruning.calibration import calibrate_masks
 
     cfg = make_config("spikformer-tiny", prune=PruneConfig(method="stata", keep=0.5))
     m = build_model(cfg).eval()
@@ -121,8 +121,8 @@ def test_static_masks_reproduce_their_token_sets(digits):
 
 
 def test_anchor_scorers_break_ties_by_activity_never_against_the_score():
-    from stata_deploy.attention import AttnInfo
-    from stata_deploy.pruning import SCORERS, select_topk
+    from stata_deploy.nn.attention import AttnInfo
+    from stata_deploy.pruning.scorers import SCORERS, select_topk
 
     T, B, H, n, dh = 2, 1, 2, 6, 4
     q = torch.zeros(T, B, H, n, dh)  # silent anchor query: every anchor score ties at 0

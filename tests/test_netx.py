@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from stata_deploy.cli import main
+from stata_deploy.cli.main import main
 
 needs_lava_dl = pytest.mark.skipif(importlib.util.find_spec("lava.lib.dl") is None,
                                    reason="lava-dl is not installed (bash scripts/install_lava_dl.sh .venv)")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from stata_deploy.neurons import LIF, TernaryLIF, TokenIndex, lif_reference, multistep_neuron
+from stata_deploy.nn.neurons import LIF, TernaryLIF, TokenIndex, lif_reference, multistep_neuron
 
 
 def test_lif_hand_computed_sequence():

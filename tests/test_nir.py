@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +14,10 @@ from runtimes.nir_graph import execute, read_graph, simulate, verify_lossless  #
 from runtimes.nir_runtime import NirRuntime, inspect  # noqa: E402
 from stata_deploy.errors import StataError, UnsupportedOpError  # noqa: E402
 from stata_deploy.inference import run_torch  # noqa: E402
-from stata_deploy.neurons import TAU  # noqa: E402
-from stata_deploy.pruning import TokenMasks, calibrate_masks, num_keep  # noqa: E402
+from stata_deploy.nn.neurons import TAU  # noqa: E402
+from stata_deploy.pruning.masks import TokenMasks
+from stata_deploy.pruning.calibration import calibrate_masks
+from stata_deploy.pruning.scorers import num_keep
 
 STANDARD = {"Input", "Output", "Affine", "Linear", "Conv1d", "Conv2d", "SumPool2d", "AvgPool2d", "Flatten", "Delay",
             "Threshold", "LIF", "CubaLIF", "LI", "IF", "I", "Integrator", "Scale", "NIRGraph"}
@@ -27,7 +28,7 @@ def lively(preset, prune="none", keep=1.0, x_cal=None, seed=0, calibrate=True):
     """Random weights, BN statistics from one real batch, BN gain 1.5 / bias 0.2: every layer fires 15-80%
     (briefly trained tiny runs barely spike, which would make parity trivially true)."""
     from stata_deploy.config import make_config
-    from stata_deploy.model import build_model
+    from stata_deploy.nn.model import build_model
 
     torch.manual_seed(seed)
     m = build_model(make_config(preset, prune=dict(method=prune, keep=keep)))
@@ -238,7 +239,7 @@ def test_bad_inputs_clear_errors_no_partial_file(tmp_path, xcal):
 def test_inspect_cli(tmp_path, xcal):
     from click.testing import CliRunner
 
-    from stata_deploy.cli import main
+    from stata_deploy.cli.main import main
 
     model, masks = model_for("spikformer-tiny", "stata", xcal)
     p = _export(tmp_path / "m.nir", model, masks)

@@ -11,12 +11,14 @@ pytest.importorskip("onnxruntime")
 
 from exporters.onnx_exporter import MASK_PREFIX, META_KEY, OnnxExporter  # noqa: E402
 from runtimes.onnxruntime_runtime import OnnxRuntime  # noqa: E402
-from stata_deploy.checkpoint import load_model, save_model  # noqa: E402
+from stata_deploy.train.checkpoint import load_model, save_model  # noqa: E402
 from stata_deploy.config import PruneConfig, make_config  # noqa: E402
 from stata_deploy.errors import StataError  # noqa: E402
 from stata_deploy.inference import run_torch  # noqa: E402
-from stata_deploy.model import build_model  # noqa: E402
-from stata_deploy.pruning import TokenMasks, calibrate_masks, num_keep  # noqa: E402
+from stata_deploy.nn.model import build_model  # noqa: E402
+from stata_deploy.pruning.masks import TokenMasks
+from stata_deploy.pruning.calibration import calibrate_masks
+from stata_deploy.pruning.scorers import num_keep
 
 
 def spike_mismatches(a, b) -> tuple[int, int, dict]:
@@ -106,7 +108,7 @@ def test_parity_trained_stata_static_masks_256_inputs(stata_run, digits, tmp_pat
     np.testing.assert_allclose(got.logits_t, ref.logits_t, rtol=1e-5, atol=1e-5)
     assert set(got.kept) == set(ref.kept) and all(np.array_equal(got.kept[s], ref.kept[s]) for s in ref.kept)
     # SOPs counted from ONNX Runtime's spikes equal the torch counts for the same inputs
-    from stata_deploy.sops import count_ops
+    from stata_deploy.energy.counter import count_ops
 
     ops_rt, ops_ref = count_ops(rt.cfg, got, rt.masks), count_ops(model.cfg, ref, masks)
     assert ops_rt.sops == ops_ref.sops > 0

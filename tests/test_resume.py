@@ -14,10 +14,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from stata_deploy import checkpoint as ckpt
-from stata_deploy.cli import main
+from stata_deploy.train import checkpoint as ckpt
+from stata_deploy.cli.main import main
 from stata_deploy.errors import CheckpointError
-from stata_deploy.train import TrainConfig, train
+from stata_deploy.train.loop import TrainConfig, train
 
 # 2 epochs x 8 steps of 16 images (128 digits, 64 test images): small enough for the 2 shared cores, long enough
 # to kill mid-epoch.
@@ -63,7 +63,7 @@ def test_sigkill_at_random_step_then_resume_is_bitwise_identical(tmp_path, tiny_
     kill_after = random.Random(seed).randint(2, STEPS - 3)
     print(f"\nkilling after the checkpoint of step {kill_after} of {STEPS} (seed {seed})")
     # the uninterrupted run and the run to be killed share the 2 cores, so start both at once; the one to be killed
-    # blocks right after writing the checkpoint of step kill_after (stata_deploy.train's test hook), so the kill
+    # blocks right after writing the checkpoint of step kill_after (stata_deploy.train.loop's test hook), so the kill
     # lands exactly there however fast the machine is
     p_ref = subprocess.Popen(_cli(tiny_npz, ref), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     p = subprocess.Popen(_cli(tiny_npz, crash), env=dict(env, STATA_TEST_PAUSE_AFTER_STEP=str(kill_after)),

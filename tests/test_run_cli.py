@@ -9,9 +9,9 @@ from click.testing import CliRunner
 
 pytest.importorskip("onnxruntime")
 
-from stata_deploy.checkpoint import load_model, save_model  # noqa: E402
-from stata_deploy.cli import main  # noqa: E402
-from stata_deploy.pruning import calibrate_masks  # noqa: E402
+from stata_deploy.train.checkpoint import load_model, save_model  # noqa: E402
+from stata_deploy.cli.main import main  # noqa: E402
+from stata_deploy.pruning.calibration import calibrate_masks  # noqa: E402
 from test_onnx import excite  # noqa: E402
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from stata_deploy.cli import main
+from stata_deploy.cli.main import main
 
 
 def cli(*args, env=None, timeout=300):
@@ -111,7 +111,7 @@ def test_netx_writer_on_a_full_disk(full_disk):
 
     from stata_deploy.config import make_config
     from stata_deploy.errors import StataError
-    from stata_deploy.model import build_model
+    from stata_deploy.nn.model import build_model
 
     from exporters.netx_exporter import NetxExporter
 
@@ -186,7 +186,7 @@ def test_masks_of_other_weights_are_refused(run_copy, base_run, tmp_path):
     """Masks carry the sha256 of the weights they were calibrated on; other weights refuse them."""
     import torch
 
-    from stata_deploy import checkpoint as ckpt
+    from stata_deploy.train import checkpoint as ckpt
 
     masks = json.loads((run_copy / "masks.json").read_text())
     assert masks["meta"]["weights_sha256"] == json.loads((run_copy / "config.json").read_text())["weights_sha256"]
@@ -207,7 +207,7 @@ def test_masks_of_other_weights_are_refused(run_copy, base_run, tmp_path):
 def test_an_export_of_other_weights_is_refused_by_compare(run_copy, tmp_path):
     import torch
 
-    from stata_deploy import checkpoint as ckpt
+    from stata_deploy.train import checkpoint as ckpt
 
     onnx_path = tmp_path / "m.onnx"
     assert CliRunner().invoke(main, ["export", str(run_copy), "--to", "onnx", "--out", str(onnx_path)]).exit_code == 0
@@ -224,7 +224,7 @@ def test_an_export_of_other_weights_is_refused_by_compare(run_copy, tmp_path):
 # --------------------------------------------------------------------------------------------- strict JSON
 def test_every_command_prints_strict_json(base_run, run_copy, tmp_path):
     """Every command's --json output parses with a strict parser; non-finite values are null with a reason."""
-    from stata_deploy.energy import OP_KINDS
+    from stata_deploy.energy.profiles import OP_KINDS
 
     zero = tmp_path / "zero.json"
     zero.write_text(json.dumps({"name": "zero", "ops": {k: 0.0 for k in OP_KINDS}}))
@@ -258,7 +258,7 @@ def test_every_command_prints_strict_json(base_run, run_copy, tmp_path):
 
 
 def test_huge_cost_profile_is_refused(base_run, tmp_path):
-    from stata_deploy.energy import OP_KINDS
+    from stata_deploy.energy.profiles import OP_KINDS
 
     huge = tmp_path / "huge.json"
     huge.write_text(json.dumps({"name": "huge", "ops": {k: 1e300 for k in OP_KINDS}}))
@@ -292,9 +292,9 @@ def test_kept_plot_draws_every_timestep(run_copy, tmp_path):
     import torch
     from PIL import Image
 
-    from stata_deploy.checkpoint import load_model
-    from stata_deploy.commands.kept_cmds import kept_positions
-    from stata_deploy.data import load_dataset
+    from stata_deploy.train.checkpoint import load_model
+    from stata_deploy.cli.kept import kept_positions
+    from stata_deploy.train.data import load_dataset
 
     out = tmp_path / "kept.png"
     r = CliRunner().invoke(main, ["kept", str(run_copy), "--images", "2", "--plot", str(out), "--json"])

@@ -1,19 +1,19 @@
 """The op counter: exact integers on hand-built layers, and every reconstructed layer input checked against torch
 forward hooks (an independent oracle that sees the real inputs) for each attention kind and pruning mode."""
-import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from stata_deploy.attention import ATTENTIONS, Hadamard, MatMul, TokenSum
+from stata_deploy.nn.attention import ATTENTIONS, Hadamard, MatMul, TokenSum
 from stata_deploy.config import PruneConfig, make_config
 from stata_deploy.inference import run_torch
-from stata_deploy.model import build_model
-from stata_deploy.pruning import SCORERS, TokenMasks, calibrate_masks
+from stata_deploy.nn.model import build_model
+from stata_deploy.pruning.scorers import SCORERS
+from stata_deploy.pruning.calibration import calibrate_masks
 from stata_deploy.results import RunResult
-from stata_deploy.sops import CountError, OpsReport, count_ops
+from stata_deploy.energy.counter import CountError, OpsReport, count_ops
 from stata_deploy.testing import liven_batchnorm, random_timestep_masks
 
 

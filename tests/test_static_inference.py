@@ -6,15 +6,11 @@ import torch
 
 from stata_deploy.config import PruneConfig, make_config
 from stata_deploy.inference import run_torch
-from stata_deploy.model import build_model
-from stata_deploy.neurons import (
-    LIFSchedule,
-    TokenIndex,
-    multistep_neuron,
-    multistep_neuron_static_traceable,
-    multistep_neuron_traceable,
-)
-from stata_deploy.pruning import TokenMasks, compose, gather_slots, local_from_mask, num_keep, static_plan
+from stata_deploy.nn.model import build_model
+from stata_deploy.nn.neurons import (LIFSchedule, TokenIndex, multistep_neuron, multistep_neuron_static_traceable,
+    multistep_neuron_traceable)
+from stata_deploy.pruning.masks import TokenMasks, local_from_mask, static_plan
+from stata_deploy.pruning.scorers import compose, gather_slots, num_keep
 from stata_deploy.testing import liven_batchnorm
 
 
@@ -72,7 +68,7 @@ def reference_forward(model, x, masks):
 
 
 def record(model, fn):
-    from stata_deploy.neurons import NEURON_TYPES
+    from stata_deploy.nn.neurons import NEURON_TYPES
 
     spikes, hooks = {}, []
     for name, m in model.named_modules():
@@ -176,7 +172,7 @@ def test_plan_is_computed_once_per_masks_object_and_follows_edits():
 
 def test_run_torch_static_masks_uses_schedules_without_full_buffers(monkeypatch):
     """Inference with per-timestep masks never takes the full-N indexed neuron path."""
-    import stata_deploy.neurons as neurons
+    import stata_deploy.nn.neurons as neurons
 
     torch.manual_seed(0)
     cfg = make_config("spikformer-tiny", prune=PruneConfig(method="stata", keep=0.5))

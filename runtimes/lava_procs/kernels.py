@@ -9,7 +9,6 @@ Kernels are stateless; neuron state lives in the ``Neuron`` process model.
 """
 from __future__ import annotations
 
-import numpy as np
 
 
 def _token_mask(params, t, ndim):

@@ -2,7 +2,7 @@
 
 - ``Synapse``: y = W x + b per group (a per-token Linear, or a conv unrolled into a sparse matrix), with the one-step
   delay of ``lava.proc.dense.Dense`` (it sends last step's result, then computes this step's).
-- ``Neuron``: the SpikingJelly-form LIF of ``stata_deploy.neurons`` (fires at H >= V_th, hard reset; Lava's LIF
+- ``Neuron``: the SpikingJelly-form LIF of ``stata_deploy.nn.neurons`` (fires at H >= V_th, hard reset; Lava's LIF
   fires at v > vth and cannot reproduce the ties), its ternary variant, and the stateless ReLU; optional per-timestep
   token mask (a dropped token gets no input, so its membrane decays and it stays silent); ``grid`` > 0 rounds the
   leak step down to a fixed-point grid (Loihi-like integer arithmetic, used by ``precision='fixed'``).

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..attention import A2OS2A, SDSA, SSA, LinearBN
+from ..nn.attention import A2OS2A, SDSA, SSA, LinearBN
 from ..config import ModelConfig
 from ..errors import UnsupportedOpError
-from ..model import MLP, SPS, Block, ConvBN, SpikingTransformer, build_model
-from ..model import MaxPool as TorchMaxPool
-from ..neurons import LIF, ReLUNeuron, TernaryLIF
+from ..nn.model import MLP, SPS, Block, ConvBN, SpikingTransformer, build_model
+from ..nn.model import MaxPool as TorchMaxPool
+from ..nn.neurons import LIF, ReLUNeuron, TernaryLIF
 from .nodes import (SCORER_METHODS_WITH_ATTENTION, Add, BatchNorm, Conv, Graph, Head, Input, MaxPool, Neuron, Node,
                     Product, Rejoin, Scorer, Select, TokenLinear, Tokens)
 

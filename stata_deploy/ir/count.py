@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..results import RunResult
-from ..attention import _heads, _merge  # (T, B, N, D) <-> (T, B, H, N, dh): the model's own head split
+from ..nn.attention import _heads, _merge  # (T, B, N, D) <-> (T, B, H, N, dh): the model's own head split
 from .report import CountError, LayerOps, OpsReport
 from .nodes import (Add, BatchNorm, Conv, Graph, Head, Input, MaxPool, Neuron, Node, Product, Rejoin, Scorer, Select,
                     TokenLinear, Tokens)

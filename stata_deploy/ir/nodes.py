@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import StataError
-from ..pruning import num_keep
+from ..pruning.scorers import num_keep
 
 Shape = tuple[int, ...]
 

@@ -9,7 +9,7 @@ import dataclasses
 
 import numpy as np
 
-from ..pruning import TokenMasks
+from ..pruning.masks import TokenMasks
 from .nodes import BatchNorm, Conv, Graph, IRError, Node, Rejoin, Scorer, Select, TokenLinear, Tokens
 
 

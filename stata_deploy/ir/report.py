@@ -1,5 +1,5 @@
 """Operation counts per layer and in total (``LayerOps``, ``OpsReport``): what the IR counter (``ir.count``)
-returns and energy estimation prices. The counting conventions are in ``stata_deploy/sops.py``."""
+returns and energy estimation prices. The counting conventions are in ``stata_deploy/energy/counter.py``."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import emit, main, set_threads, threads_option
+from .main import emit, main, set_threads, threads_option
 from ..errors import StataError
 
 
@@ -31,8 +31,8 @@ def _masks_for(run: str, model, mode: str, weights_sha256: str | None = None):
     """Static masks (RUN/masks.json) when asked for and the model prunes; None means dynamic pruning."""
     if mode != "static" or not model.cfg.prune.active:
         return None
-    from ..checkpoint import resolve_run
-    from ..pruning import TokenMasks
+    from ..train.checkpoint import resolve_run
+    from ..pruning.masks import TokenMasks
 
     p = resolve_run(run) / "masks.json"
     if not p.is_file():
@@ -49,9 +49,9 @@ def measure(run: str, x, y, masks_mode: str = "dynamic", batch_size: int = 64, p
     import torch
     from tqdm import tqdm
 
-    from ..checkpoint import load_model
+    from ..train.checkpoint import load_model
     from ..inference import run_torch
-    from ..sops import OpsReport, count_ops
+    from ..energy.counter import OpsReport, count_ops
 
     model, meta = load_model(run)
     masks = _masks_for(run, model, masks_mode, meta.get("weights_sha256"))
@@ -178,11 +178,11 @@ def energy(run, hardware, baseline, dataset, limit, masks_mode, batch_size, plot
       stata-deploy energy runs/a --hardware 45nm
       stata-deploy energy runs/a --hardware loihi --baseline runs/base --plot energy.png
       stata-deploy energy runs/a --hardware my_chip.toml --masks static --json
-    Counting conventions: stata_deploy/sops.py. Profiles and their sources: stata_deploy/profiles/.
+    Counting conventions: stata_deploy/energy/counter.py. Profiles and their sources: stata_deploy/energy/hardware/.
     """
-    from ..checkpoint import load_config
-    from ..energy import estimate_energy, load_profile
-    from .train_cmds import _load_eval_data, check_data_fits
+    from ..train.checkpoint import load_config
+    from ..energy.profiles import estimate_energy, load_profile
+    from .train import _load_eval_data, check_data_fits
 
     from ..fileio import check_output
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from ..config import ModelConfig
 from .neurons import ATTN_V_TH, LIF, ReLUNeuron, TernaryLIF, TokenIndex
-from .registry import Registry
+from ..registry import Registry
 
 
 class MatMul(nn.Module):

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
-from .errors import CheckpointError, ConfigError, StataError
+from ..config import ModelConfig
+from ..errors import CheckpointError, ConfigError
 # One module owns the atomic write (stata_deploy.fileio); re-exported for the callers that import it from here.
-from . import fileio
-from .fileio import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: F401
+from .. import fileio
+from ..fileio import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: F401
 
 FORMAT = "stata-deploy/1"
 
@@ -153,7 +152,7 @@ def check_weights_header(run_dir: Path, cfg: ModelConfig, header: dict[str, tupl
     message that names the config field."""
     import re
 
-    from .model import build_model
+    from ..nn.model import build_model
 
     where = f"weights in {run_dir} do not match config.json"
     blocks = {int(m.group(1)) for k in header if (m := re.match(r"blocks\.(\d+)\.", k))}
@@ -237,7 +236,7 @@ def load_model(run_dir: str | Path, map_location: str = "cpu"):
     The weights are checked against config.json: names, shapes, finite values, and the sha256 recorded when they
     were saved (``weights_sha256``, when present). The config's bounds (ModelConfig.validate) and the names and
     shapes in the safetensors header are checked before the model is built or the tensor data is read."""
-    from .model import build_model
+    from ..nn.model import build_model
 
     run_dir = resolve_run(run_dir)
     cfg, meta = load_config(run_dir)

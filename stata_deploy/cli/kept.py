@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..cli import emit, main, set_threads, threads_option
+from .main import emit, main, set_threads, threads_option
 from ..errors import StataError
 
 
@@ -64,11 +64,11 @@ def kept_cmd(runs, plot_path, images, dataset, site, as_json, threads):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..checkpoint import load_model
+    from ..train.checkpoint import load_model
     from ..fileio import check_output, write_via_buffer
-    from ..pruning import TokenMasks
-    from .energy_cmds import PLOT_SUFFIXES
-    from .train_cmds import _load_eval_data, check_data_fits
+    from ..pruning.masks import TokenMasks
+    from .energy import PLOT_SUFFIXES
+    from .train import _load_eval_data, check_data_fits
 
     set_threads(threads)
     out = check_output(plot_path, suffixes=PLOT_SUFFIXES, what="--plot")

@@ -1,10 +1,10 @@
 """Training and evaluation: the Python API the CLI wraps.
 
-    from stata_deploy.train import TrainConfig, train
+    from stata_deploy.train.loop import TrainConfig, train
     result = train(TrainConfig(dataset="digits", model="spikformer-tiny", prune="stata", keep=0.5, out="runs/a"))
 
 Multi-process (DistributedDataParallel): launch the same call under torchrun (or ``stata-deploy train --nproc N``);
-``batch_size`` stays the global batch. See ``stata_deploy.distributed`` for the exact semantics.
+``batch_size`` stays the global batch. See ``stata_deploy.train.distributed`` for the exact semantics.
 
 Crash safety: a training checkpoint (weights, optimizer, loop position, data-order and RNG states) is written every
 ``checkpoint_every`` steps and at the end of every epoch into OUT/checkpoints (atomic, sha256-verified, the two
@@ -27,13 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .fileio import check_run_out, remove_if_empty
+from ..fileio import check_run_out, remove_if_empty
 from . import distributed as dist_
-from .config import PruneConfig, make_config
+from ..config import PruneConfig, make_config
 from .data import Dataset, batches, load_dataset
-from .errors import ConfigError, StataError
-from .model import build_model
-from .pruning import TokenMasks
+from ..errors import ConfigError, StataError
+from ..nn.model import build_model
+from ..pruning.masks import TokenMasks
 
 
 @dataclass

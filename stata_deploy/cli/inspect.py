@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import emit, main
+from .main import emit, main
 from ..errors import StataError
 from ..registry import RUNTIMES
 

@@ -1,9 +1,9 @@
 """Energy per inference from an ``OpsReport`` and a hardware profile (pJ per op, each with its source).
 
-    from stata_deploy.energy import load_profile, estimate_energy
+    from stata_deploy.energy.profiles import load_profile, estimate_energy
     e = estimate_energy(report, load_profile("loihi"))     # e.total_mj, e.layers[i]["energy_mj"]
 
-Built-in profiles live in ``stata_deploy/profiles/*.json`` (45nm, loihi, spinnaker2, truenorth). A user profile is a
+Built-in profiles live in ``stata_deploy/energy/hardware/*.json`` (45nm, loihi, spinnaker2, truenorth). A user profile is a
 TOML or JSON file with the same layout::
 
     name = "mychip"
@@ -12,7 +12,7 @@ TOML or JSON file with the same layout::
     ac = 0.9                                    # pJ, or a table:
     mac = { pj = 4.6, source = "Horowitz 2014" }
 
-Op kinds: see ``stata_deploy.sops.OP_KINDS``. A profile that has no entry for an op the model performs is an error
+Op kinds: see ``stata_deploy.energy.counter.OP_KINDS``. A profile that has no entry for an op the model performs is an error
 naming the op — never a silent zero. An explicit 0 is allowed and reported as "not costed" with its reason.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .errors import StataError
-from .sops import OP_KINDS, OpsReport
+from ..errors import StataError
+from .counter import OP_KINDS, OpsReport
 
 PJ_TO_MJ = 1e-9
 
@@ -66,7 +66,7 @@ MAX_PJ = 1e9  # 1 mJ for one operation: beyond any hardware; keeps every total f
 
 
 def builtin_profiles() -> list[str]:
-    d = resources.files("stata_deploy") / "profiles"
+    d = resources.files("stata_deploy.energy") / "hardware"
     return sorted(p.name[:-5] for p in d.iterdir() if p.name.endswith(".json"))
 
 
@@ -97,7 +97,7 @@ def load_profile(spec: str | Path) -> Profile:
     spec = str(spec)
     names = builtin_profiles()
     if spec in names:
-        text = (resources.files("stata_deploy") / "profiles" / f"{spec}.json").read_text()
+        text = (resources.files("stata_deploy.energy") / "hardware" / f"{spec}.json").read_text()
         return _parse(json.loads(text), spec, spec)
     p = Path(spec)
     if not p.is_file():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import emit, main, set_threads, threads_option
+from .main import emit, main, set_threads, threads_option
 from ..config import ATTENTION_KINDS, PRESETS, PRUNE_METHODS
 from ..errors import StataError
 
@@ -80,7 +80,7 @@ def train(ctx, dataset, preset, attention, prune, keep, sites, align, epochs, ba
       stata-deploy train --nproc 2 --out runs/ddp             # or: torchrun --nproc_per_node=2 -m stata_deploy train ...
     Writes OUT/config.json, OUT/model.safetensors, OUT/metrics.json, OUT/metrics.jsonl and OUT/checkpoints/.
     """
-    from ..train import TrainConfig, train as run_train
+    from ..train.loop import TrainConfig, train as run_train
 
     tc = TrainConfig(dataset=dataset, model=preset, out=out, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                      T=T, attention=attention, prune=prune, keep=keep, sites=sites, align=align, device=device,
@@ -92,7 +92,7 @@ def train(ctx, dataset, preset, attention, prune, keep, sites, align, epochs, ba
     if os.environ.get("RANK", "0") == "0":
         check_run_out(out, force=force, resume=resume)  # before any data is loaded
     if nproc > 1:
-        from ..distributed import env_world_size, launch
+        from ..train.distributed import env_world_size, launch
 
         if env_world_size() > 1:
             raise StataError("--nproc cannot be used inside torchrun (it already started the processes)")
@@ -133,7 +133,7 @@ def _relaunch_args(ctx) -> list[str]:
 
 
 def _load_eval_data(meta: dict, dataset: str | None, T: int):
-    from ..data import load_dataset
+    from ..train.data import load_dataset
 
     name = dataset or meta.get("train", {}).get("dataset") or "digits"
     return load_dataset(name, T=T)
@@ -162,9 +162,9 @@ def eval_cmd(run, dataset, masks_path, limit, as_json, threads):
     Example:
       stata-deploy eval runs/a --json
     """
-    from ..checkpoint import load_model
-    from ..pruning import TokenMasks
-    from ..train import evaluate
+    from ..train.checkpoint import load_model
+    from ..pruning.masks import TokenMasks
+    from ..train.loop import evaluate
 
     set_threads(threads)
     model, meta = load_model(run)
@@ -200,10 +200,10 @@ def prune(run, method, keep, start, out, force, dataset, limit, as_json, threads
     Example:
       stata-deploy prune runs/base --method tp --keep 0.5 --out runs/base-tp50
     """
-    from .. import checkpoint as ckpt
+    from ..train import checkpoint as ckpt
     from ..fileio import check_run_out, remove_if_empty
-    from ..model import build_model
-    from ..train import evaluate
+    from ..nn.model import build_model
+    from ..train.loop import evaluate
 
     set_threads(threads)
     check_run_out(out, force=force, source=ckpt.resolve_run(run))  # before any work
@@ -273,11 +273,11 @@ def calibrate(run, dataset, samples, out_path, schedule, as_json, threads):
     """
     from tqdm import tqdm
 
-    from ..checkpoint import load_model, resolve_run
-    from ..data import batches
+    from ..train.checkpoint import load_model, resolve_run
+    from ..train.data import batches
     from ..fileio import check_output
-    from ..pruning import calibrate_masks
-    from ..train import evaluate
+    from ..pruning.calibration import calibrate_masks
+    from ..train.loop import evaluate
 
     set_threads(threads)
     path = check_output(Path(out_path) if out_path else resolve_run(run) / "masks.json", suffixes=(".json",),
@@ -312,7 +312,7 @@ def calibrate(run, dataset, samples, out_path, schedule, as_json, threads):
 def presets(as_json):
     """List model presets with their parameter counts."""
     from ..config import make_config
-    from ..model import build_model, count_params
+    from ..nn.model import build_model, count_params
 
     rows = {}
     for name in PRESETS.names():

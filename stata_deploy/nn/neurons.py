@@ -17,7 +17,7 @@ The forward and the backward (BPTT) are hand-written in one autograd Function: t
 potential H and avoids the T zero-filled gradient buffers that per-timestep indexing makes autograd allocate.
 
 Static masks at inference (no autograd graph): the token schedule is known in advance, so a ``LIFSchedule``
-(built once per masks object, ``stata_deploy.pruning.static_plan``) says for every slot at every timestep where its
+(built once per masks object, ``stata_deploy.pruning.masks.static_plan``) says for every slot at every timestep where its
 previous membrane is (which slot of which earlier step, or none) and how many steps it decayed. The neuron then
 keeps only the post-reset membranes of the kept slots of each step (no full-N buffer) and gathers each step's
 state from them: the same arithmetic, in the same order, as the indexed path above (spike for spike).

@@ -1,140 +1,15 @@
-"""Token sparsification: scorers, top-k selection, STATA alignment losses, and the one mask format.
-
-Token positions: the block sequence holds ``n_full`` tokens; with an anchor token it sits at position 0 and is
-never pruned. Slots always hold tokens in ascending position order.
-"""
+"""Static per-timestep token masks (the one mask format) and the index plans they compile to."""
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .attention import AttnInfo
-from .errors import StataError
-from .neurons import LIFSchedule, TokenIndex
-from .registry import Registry
-
-# ----------------------------------------------------------------------------------------------- scorers
-# A scorer returns (scores, timestep_wise): scores (T, B, n) if timestep-wise else (B, n), over current slots.
-ScoreFn = Callable[..., tuple[torch.Tensor, bool]]
-SCORERS: Registry[ScoreFn] = Registry("pruning method")
-
-
-def _need_info(info: AttnInfo | None, method: str) -> AttnInfo:
-    if info is None:
-        raise StataError(f"pruning method {method!r} needs the previous block's attention")
-    return info
-
-
-def _tie_break(primary: torch.Tensor, x: torch.Tensor, info: AttnInfo) -> torch.Tensor:
-    """primary + a tie-break by token activity (l1 of x over channels) that never reorders distinct primaries.
-
-    The anchor row of spiking Q, K is a multiple of scale/heads (integer dot products of binary spikes), and the
-    anchor's Q is often silent: many tokens then tie, most at exactly 0, and top-k would keep whichever positions it
-    meets first (a fixed corner of the image). Among tied tokens the more active one wins; the added term is below
-    1e-3 * scale / heads, so a strictly higher anchor score always wins.
-    """
-    act = x.detach().abs().sum(-1)  # (T, B, n) or (B, n), same shape as primary
-    tie = act / (act.amax(-1, keepdim=True) + 1.0)  # in [0, 1)
-    return primary + tie * (1e-3 * info.scale / info.q.shape[2])
-
-
-@SCORERS.register("stata")
-def score_stata(x, info, generator=None, grid=None):
-    """Timestep-wise anchor token: the anchor's attention row per timestep, mean over heads (ties: activity)."""
-    info = _need_info(info, "stata")
-    return _tie_break(info.anchor_row(), x, info), True
-
-
-@SCORERS.register("anchor")
-def score_anchor(x, info, generator=None, grid=None):
-    """Anchor token without the timestep-wise split (AT): anchor row averaged over timesteps (ties: activity)."""
-    info = _need_info(info, "anchor")
-    return _tie_break(info.anchor_row().mean(0), x.mean(0), info), False
-
-
-@SCORERS.register("random")
-def score_random(x, info, generator=None, grid=None):
-    T, B, n, _ = x.shape
-    return torch.rand((B, n), generator=generator, device=x.device), False
-
-
-@SCORERS.register("l1")
-def score_l1(x, info, generator=None, grid=None):
-    """l1-norm of each token, averaged over timesteps."""
-    return x.abs().sum(-1).mean(0), False
-
-
-@SCORERS.register("ssa")
-def score_ssa(x, info, generator=None, grid=None):
-    """Mean attention a token receives (over queries, heads, timesteps)."""
-    return _need_info(info, "ssa").mean_received().mean(0), False
-
-
-@SCORERS.register("tp")
-def score_tp(x, info, generator=None, grid=None, kernel: int = 3):
-    """TP-Spikformer's spatiotemporal criterion on image tokens x (T, B, N, C) laid out on a grid x grid.
-
-    temporal: softmax_n(mean_t |mean_c x_t - mean_c x_{t-1}|); spatial: softmax_n(-cos(x̄_n, ctx_n)) where the
-    context is TP's all-ones C x C k x k conv of x̄ = mean_t x: every output channel equals the box-filtered channel
-    sum, computed here as channel sum + box filter (same result, C x fewer MACs).
-    """
-    T, B, N, C = x.shape
-    if grid is None or grid * grid != N:
-        raise StataError("tp scoring needs the full image token grid")
-    if T > 1:
-        m = x.mean(-1)  # (T, B, N)
-        temporal = (m[1:] - m[:-1]).abs().mean(0)
-    else:
-        temporal = x.new_zeros(B, N)
-    xbar = x.mean(0)  # (B, N, C)
-    csum = xbar.sum(-1).reshape(B, 1, grid, grid)
-    ctx = F.avg_pool2d(csum, kernel, stride=1, padding=kernel // 2, count_include_pad=False) * kernel * kernel
-    ctx = ctx.reshape(B, N)  # every context channel equals this value
-    cos = (ctx * xbar.sum(-1)) / (ctx.abs() * math.sqrt(C) * xbar.norm(dim=-1) + 1e-6)
-    return temporal.softmax(-1) + (-cos).softmax(-1), False
-
-
-# --------------------------------------------------------------------------------------------- selection
-def num_keep(n_img: int, keep: float) -> int:
-    return max(1, math.ceil(keep * n_img - 1e-9))
-
-
-def select_topk(scores: torch.Tensor, timestep_wise: bool, T: int, keep: float, n_fixed: int) -> torch.Tensor:
-    """Local slot indices to keep: (T, B, k) ascending; the first ``n_fixed`` slots (anchor) always kept."""
-    if not timestep_wise:
-        scores = scores.unsqueeze(0).expand(T, *scores.shape)
-    img = scores[..., n_fixed:]
-    k = num_keep(img.shape[-1], keep)
-    top = img.topk(k, dim=-1).indices + n_fixed
-    top, _ = top.sort(-1)
-    if n_fixed:
-        fixed = torch.arange(n_fixed, device=top.device).expand(*top.shape[:-1], n_fixed)
-        top = torch.cat([fixed, top], -1)
-    return top
-
-
-def compose(index: TokenIndex | None, local: torch.Tensor, n_full: int, timestep_wise: bool) -> TokenIndex:
-    """Global index after selecting ``local`` slots (T, B, k) from the slots described by ``index``."""
-    if index is None:
-        g = local
-        tw = timestep_wise
-    else:
-        g = torch.gather(index.idx.expand(local.shape[0], local.shape[1], -1), 2, local)
-        tw = timestep_wise or index.timestep_wise
-    return TokenIndex(g, n_full, tw)
-
-
-def gather_slots(x: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """x (T, B, n, D), local (T, B, k) -> (T, B, k, D)."""
-    return torch.gather(x, 2, local.unsqueeze(-1).expand(*local.shape, x.shape[-1]))
-
+from ..errors import StataError
+from ..nn.neurons import LIFSchedule, TokenIndex
 
 # -------------------------------------------------------------------------------------------- the masks
 @dataclass
@@ -201,13 +76,13 @@ class TokenMasks:
             raise StataError(f"not a valid token mask description ({e})") from None
 
     def save(self, path: str | Path) -> None:
-        from .fileio import atomic_write_text
+        from ..fileio import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_json()))
 
     @classmethod
     def load(cls, path: str | Path) -> "TokenMasks":
-        from .fileio import read_json
+        from ..fileio import read_json
 
         p = Path(path)
         masks = cls.from_json(read_json(p, "mask file"))
@@ -352,79 +227,3 @@ def static_plan(masks: TokenMasks, cfg=None) -> StaticPlan:
         plan.check_model(masks, cfg)
     return plan
 
-
-# ------------------------------------------------------------------------------------------ alignment
-def intra_alignment(maps: torch.Tensor) -> torch.Tensor:
-    """Intra-Alignment: split maps (T, B, H, n, n) along timesteps and heads, sort by l2 norm, pull the bottom
-    half toward the (detached) top half. Zero when all maps are identical."""
-    T, B, H, n, _ = maps.shape
-    units = maps.permute(1, 0, 2, 3, 4).reshape(B, T * H, n * n)
-    if T * H < 2:
-        return maps.new_zeros(())
-    order = units.norm(dim=-1).argsort(dim=-1, descending=True)
-    units = torch.gather(units, 1, order.unsqueeze(-1).expand_as(units))
-    half = (T * H) // 2
-    top, bottom = units[:, :half], units[:, T * H - half :]
-    return F.mse_loss(bottom, top.detach())
-
-
-def inter_alignment(shallow: list[torch.Tensor], deep: torch.Tensor) -> torch.Tensor:
-    """Inter-Alignment: the deepest map (detached, head-mean, interpolated) supervises each shallower one."""
-    teacher = deep.mean(2).detach()  # (T, B, n_d, n_d)
-    loss = deep.new_zeros(())
-    for m in shallow:
-        student = m.mean(2)  # (T, B, n_s, n_s)
-        T, B, n, _ = student.shape
-        t = F.interpolate(teacher.reshape(T * B, 1, *teacher.shape[-2:]), size=(n, n), mode="bilinear", align_corners=False)
-        loss = loss + F.mse_loss(student, t.reshape(T, B, n, n))
-    return loss
-
-
-SCHEDULES = ("per-timestep", "fixed")
-
-
-@torch.no_grad()
-def calibrate_masks(model, batches, progress=None, schedule: str = "per-timestep") -> TokenMasks:
-    """Freeze static masks: per site (and, with ``schedule="per-timestep"``, per timestep) keep the tokens most
-    often kept by dynamic top-k on the calibration batches (later sites restricted to what earlier sites keep).
-
-    ``schedule="fixed"``: the same tokens at every timestep (counts summed over T). A fixed schedule is entirely
-    structural, so a pruned NIR file is exact for a reader that ignores our metadata."""
-    if schedule not in SCHEDULES:
-        raise StataError(f"unknown mask schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
-    cfg = model.cfg
-    if not cfg.prune.active:
-        raise StataError("this model has no pruning configured (method none or keep 1.0): nothing to calibrate")
-    model.eval()
-    T, n_full = cfg.T, cfg.num_tokens
-    counts: dict[int, np.ndarray] = {}
-    for xb in batches:
-        out = model(xb)
-        for site, g in out.kept.items():  # g: (T, B, k) global positions
-            c = counts.setdefault(site, np.zeros((T, n_full), dtype=np.int64))
-            gi = g.cpu().numpy()
-            for t in range(T):
-                np.add.at(c[t], gi[t].reshape(-1), 1)
-        if progress is not None:
-            progress.update(1)
-    mode = "skip" if cfg.prune.method == "tp" else "drop"
-    sites: dict[int, np.ndarray] = {}
-    allowed = np.ones((T, n_full), dtype=bool)
-    fixed = 1 if cfg.anchor else 0
-    n_present = cfg.num_image_tokens
-    for site in sorted(counts):
-        k = num_keep(n_present, cfg.prune.keep)
-        m = np.zeros((T, n_full), dtype=bool)
-        for t in range(T):
-            c = (counts[site].sum(0) if schedule == "fixed" else counts[site][t]).astype(float)
-            c[~allowed[t]] = -1
-            c[:fixed] = -1
-            order = np.argsort(-c, kind="stable")[:k]
-            m[t, order] = True
-            m[t, :fixed] = True
-        sites[site] = m
-        if mode == "drop":
-            allowed = m
-            n_present = k
-    return TokenMasks(sites, n_full, T, mode, meta={"method": cfg.prune.method, "keep": cfg.prune.keep,
-                                                    "schedule": schedule})

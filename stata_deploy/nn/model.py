@@ -3,7 +3,7 @@
 x (T, B, C, H, W) -> SPS stem -> tokens (T, B, N, D) [+ anchor at 0] -> L blocks -> mean over tokens -> head.
 At a pruning site the tokens are scored, the top ceil(gamma * n) kept and the rest gathered out, so every later
 block computes on fewer tokens. With static ``TokenMasks`` the kept sets come from the masks instead: their index
-tensors and neuron schedules are computed once per masks object (``pruning.static_plan``), so a forward with static
+tensors and neuron schedules are computed once per masks object (``pruning.masks.static_plan``), so a forward with static
 masks does only work that shrinks with the kept tokens.
 """
 from __future__ import annotations
@@ -14,18 +14,11 @@ import torch
 from torch import nn
 
 from .attention import ATTENTIONS, AttnInfo, LinearBN
-from .config import ModelConfig
+from ..config import ModelConfig
 from .neurons import LIF, TokenIndex
-from .pruning import (
-    SCORERS,
-    TokenMasks,
-    compose,
-    gather_slots,
-    inter_alignment,
-    intra_alignment,
-    select_topk,
-    static_plan,
-)
+from ..pruning.scorers import SCORERS, compose, gather_slots, select_topk
+from ..pruning.masks import TokenMasks, static_plan
+from ..pruning.alignment import inter_alignment, intra_alignment
 
 
 class ConvBN(nn.Module):

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import click
 
-from ..cli import emit, main, set_threads, threads_option
+from .main import emit, main, set_threads, threads_option
 from ..errors import StataError
 
 
 def resolve_masks(run_dir: Path, cfg, choice: str | None, weights_sha256: str | None = None):
     """(TokenMasks | None, dynamic: bool) for --masks static|dynamic|PATH (None: RUN/masks.json when present).
     Masks calibrated for other weights (their ``weights_sha256`` differs) are refused."""
-    from ..pruning import TokenMasks
+    from ..pruning.masks import TokenMasks
 
     default = run_dir / "masks.json"
     if choice == "dynamic":
@@ -67,7 +67,7 @@ def export(run, target, out, masks_opt, split, part, as_json, threads):
       stata-deploy export runs/a --to netx --part stem     # lava-dl netx: the sequential stem (pool_stages=0)
     A failed export leaves no file behind.
     """
-    from ..checkpoint import load_model, resolve_run
+    from ..train.checkpoint import load_model, resolve_run
     from ..fileio import check_output
     from ..registry import EXPORTERS
 

@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import MAX_CLASSES, MAX_T
-from .errors import DataError
+from ..config import MAX_CLASSES, MAX_T
+from ..errors import DataError
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # pixels (H * W) of one image file or array
 MAX_IMAGE_VALUES = 1 << 26  # values in one .npy input, all frames and channels (256 MB as float32)

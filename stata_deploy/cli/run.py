@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..cli import FiniteFloat, emit, main, set_threads, threads_option
+from .main import FiniteFloat, emit, main, set_threads, threads_option
 from ..errors import StataError
 
 SUFFIX_RUNTIME = {".onnx": "onnxruntime", ".nir": "nir", ".h5": "lava", ".net": "lava"}
@@ -73,7 +73,7 @@ def _percentiles(seconds: list[float]) -> dict:
 
 
 def _count_sops(rt, res):
-    from ..sops import count_ops
+    from ..energy.counter import count_ops
 
     return count_ops(rt.cfg, res, rt.masks)
 
@@ -130,7 +130,7 @@ def run_cmd(file, runtime_name, dataset, limit, batch_size, image, repeat, compa
         raise StataError("--baseline prices a comparison: it needs --hardware")
     profile = None
     if hardware:
-        from ..energy import load_profile
+        from ..energy.profiles import load_profile
 
         profile = load_profile(hardware)  # before any work
     if threads is not None and "threads" in cls.accepts:
@@ -150,7 +150,7 @@ def run_cmd(file, runtime_name, dataset, limit, batch_size, image, repeat, compa
 
 
 def _run_image(rt, image: Path, repeat: int, compare, run_opt) -> dict:
-    from ..data import load_image
+    from ..train.data import load_image
 
     cfg = rt.cfg
     x = load_image(image, frames=True)  # (C, H, W), or a .npy (T, C, H, W): one frame per timestep
@@ -184,9 +184,9 @@ def _run_image(rt, image: Path, repeat: int, compare, run_opt) -> dict:
 def _run_dataset(rt, dataset, limit, batch_size, compare, run_opt, as_json, profile=None, baseline=None) -> dict:
     from tqdm import tqdm
 
-    from ..checkpoint import load_config
-    from ..data import batches, load_dataset
-    from .train_cmds import check_data_fits
+    from ..train.checkpoint import load_config
+    from ..train.data import batches, load_dataset
+    from .train import check_data_fits
 
     cfg = rt.cfg
     if dataset is None:
@@ -223,7 +223,7 @@ def _run_dataset(rt, dataset, limit, batch_size, compare, run_opt, as_json, prof
                 cmp_tot["layers"][k] = cmp_tot["layers"].get(k, 0) + v
     wall = time.perf_counter() - t_all
     run_seconds = float(sum(times))
-    from ..sops import OpsReport
+    from ..energy.counter import OpsReport
 
     rep = OpsReport.merge(reports)
     out = {"accuracy": correct / n, "sops": rep.sops, "samples": n, "seconds": run_seconds,
@@ -244,8 +244,8 @@ def _run_dataset(rt, dataset, limit, batch_size, compare, run_opt, as_json, prof
 
 def _price(rep, profile, rt, acc, x, y, baseline) -> dict:
     """The energy fields of `stata-deploy energy` for the operations this runtime computed (same counter/profile)."""
-    from ..energy import estimate_energy
-    from .energy_cmds import _layers, _set_ratio, _summary, measure
+    from ..energy.profiles import estimate_energy
+    from .energy import _layers, _set_ratio, _summary, measure
 
     en = estimate_energy(rep, profile)
     res = {"hardware": profile.name, "citation": profile.citation, **_summary(rep, en, acc, rt.masks),
@@ -263,7 +263,7 @@ def _price(rep, profile, rt, acc, x, y, baseline) -> dict:
 def _human(r: dict) -> str:
     s = _human_run(r)
     if "energy_mj" in r:
-        from .energy_cmds import table
+        from .energy import table
 
         s += f"\n\noperations computed by {r['runtime']}, priced on {r['hardware']}:\n" + table(r["layers"], r)
         s += f"\nenergy per inference: {r['energy_mj']:.4e} mJ"

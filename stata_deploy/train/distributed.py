@@ -30,7 +30,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import StataError
+from ..errors import StataError
 
 RANDOM_SCORER_RANK_STRIDE = 7919
 

@@ -47,5 +47,5 @@ Conventions (all counts are per inference = summed over the batch, divided by th
 from __future__ import annotations
 
 # The public API of counting (its implementation is the IR's: stata_deploy/ir/count.py, ir/report.py).
-from .ir.count import count_ops  # noqa: F401
-from .ir.report import OP_KINDS, CountError, LayerOps, OpsReport  # noqa: F401
+from ..ir.count import count_ops  # noqa: F401
+from ..ir.report import OP_KINDS, CountError, LayerOps, OpsReport  # noqa: F401

@@ -7,11 +7,10 @@ import json
 import os
 import signal
 import sys
-from pathlib import Path
 
 import click
 
-from .errors import StataError
+from ..errors import StataError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL = 3
@@ -22,7 +21,7 @@ def emit(obj: dict, as_json: bool, human: str | None = None) -> None:
 
     Strict: JSON parsers reject NaN and Infinity, so a non-finite number is printed as null and its path is listed in
     ``null_reasons`` (e.g. {"energy_ratio": "NaN (not a finite number)"}) unless the command gave its own reason."""
-    from .fileio import dumps, strict
+    from ..fileio import dumps, strict
 
     reasons: dict = {}
     clean = strict(json.loads(dumps_loose(obj)), reasons)
@@ -37,7 +36,7 @@ def emit(obj: dict, as_json: bool, human: str | None = None) -> None:
 
 def dumps_loose(obj) -> str:
     """json.dumps that knows numpy scalars/arrays and paths (non-finite numbers still as NaN/Infinity)."""
-    from .fileio import json_default
+    from ..fileio import json_default
 
     return json.dumps(obj, default=json_default)
 
@@ -173,12 +172,12 @@ def set_threads(n: int | None) -> None:
 
 # Commands live in their own modules and register themselves on ``main``.
 COMMAND_MODULES = [
-    "stata_deploy.commands.train_cmds",
-    "stata_deploy.commands.export_cmds",
-    "stata_deploy.commands.run_cmds",
-    "stata_deploy.commands.energy_cmds",
-    "stata_deploy.commands.inspect_cmds",
-    "stata_deploy.commands.kept_cmds",
+    "stata_deploy.cli.train",
+    "stata_deploy.cli.export",
+    "stata_deploy.cli.run",
+    "stata_deploy.cli.energy",
+    "stata_deploy.cli.inspect",
+    "stata_deploy.cli.kept",
 ]
 for _m in COMMAND_MODULES:
     try:
