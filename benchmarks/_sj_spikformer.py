@@ -30,6 +30,8 @@ where SpikingJelly is not installed. The benchmark always runs the real LIFNode.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -264,3 +266,57 @@ def copy_weights(ours: nn.Module, ref: SJSpikformer) -> None:
             raise ValueError(f"{ka} {tuple(va.shape)} does not match reference {kb} {tuple(vb.shape)}")
         out[kb] = va.detach().clone()
     ref.load_state_dict(out)
+
+
+def _record(modules: list[nn.Module], out: list) -> list:
+    """Forward hooks appending each module's output (in call order) to ``out``."""
+    return [m.register_forward_hook(lambda mod, inp, o: out.append(o.detach().clone())) for m in modules]
+
+
+def parity(ours: nn.Module, ref: SJSpikformer, x: torch.Tensor, y: torch.Tensor | None = None) -> dict:
+    """Run our model and the reference (weights already copied) on x and compare, number for number.
+
+    Without ``y``: eval mode, no gradients. With labels ``y``: train mode (BatchNorm on batch statistics), and the
+    gradients of a cross-entropy loss on the logits are compared too (parameter by parameter, in declaration order).
+    Returns spike mismatches / spikes compared / neuron layers (ours, reference) / max |logit difference| and, with
+    ``y``, the largest gradient difference relative to that parameter's largest gradient.
+    """
+    from stata_deploy.nn.neurons import NEURON_TYPES
+
+    train = y is not None
+    ours, ref = copy.deepcopy(ours), copy.deepcopy(ref)  # train mode updates BN statistics: leave the callers' alone
+    ours.train(train)
+    ref.train(train)
+    so, sr = [], []
+    hooks = _record([m for m in ours.modules() if isinstance(m, NEURON_TYPES)], so)
+    hooks += _record([m for _, m in lif_modules(ref)], sr)
+    try:
+        with torch.set_grad_enabled(train):
+            lo = ours(x).logits
+            lr, _ = run(ref, x)
+            if train:
+                ours.zero_grad(set_to_none=True)
+                ref.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(lo, y).backward()
+                nn.functional.cross_entropy(lr, y).backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    res = {"layers": (len(so), len(sr)), "spikes": sum(a.numel() for a in so),
+           "mismatches": sum(int((a != b).sum()) for a, b in zip(so, sr)) if len(so) == len(sr) else -1,
+           "max_logit_diff": float((lo - lr).detach().abs().max()),
+           "spike_rate": sum(float(a.sum()) for a in so) / max(1, sum(a.numel() for a in so))}
+    if train:
+        worst = 0.0
+        for (name, pa), pb in zip(ours.named_parameters(), ref.parameters()):
+            if name.endswith("linear.bias"):  # a bias right before a train-mode BatchNorm: its true gradient is 0
+                continue  # (BN subtracts the batch mean), what backward returns is rounding noise on both sides
+            if pa.grad is None or pb.grad is None:
+                if (pa.grad is None) != (pb.grad is None):
+                    worst = float("inf")
+                continue
+            scale = float(pa.grad.abs().max())
+            if scale > 0:
+                worst = max(worst, float((pa.grad - pb.grad).abs().max()) / scale)
+        res["max_rel_grad_diff"] = worst
+    return res
