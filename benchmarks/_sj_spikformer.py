@@ -261,7 +261,7 @@ def copy_weights(ours: nn.Module, ref: SJSpikformer) -> None:
         raise ValueError(f"state dicts differ in length: ours {len(a)}, reference {len(b)} (an anchor token? the "
                          "reference is the unpruned model)")
     out = {}
-    for (ka, va), (kb, vb) in zip(a, b):
+    for (ka, va), (kb, vb) in zip(a, b, strict=True):
         if va.shape != vb.shape or ka.rsplit(".", 1)[-1] != kb.rsplit(".", 1)[-1]:
             raise ValueError(f"{ka} {tuple(va.shape)} does not match reference {kb} {tuple(vb.shape)}")
         out[kb] = va.detach().clone()
@@ -308,7 +308,7 @@ def parity(ours: nn.Module, ref: SJSpikformer, x: torch.Tensor, y: torch.Tensor 
            "spike_rate": sum(float(a.sum()) for a in so) / max(1, sum(a.numel() for a in so))}
     if train:
         worst = 0.0
-        for (name, pa), pb in zip(ours.named_parameters(), ref.parameters()):
+        for (name, pa), pb in zip(ours.named_parameters(), ref.parameters(), strict=True):
             if name.endswith("linear.bias"):  # a bias right before a train-mode BatchNorm: its true gradient is 0
                 continue  # (BN subtracts the batch mean), what backward returns is rounding noise on both sides
             if pa.grad is None or pb.grad is None:

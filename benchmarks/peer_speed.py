@@ -68,7 +68,7 @@ def check_spikingjelly() -> str | None:
     try:
         version = md.version("spikingjelly")
     except md.PackageNotFoundError:
-        return f"SpikingJelly is not installed; install it with: bash scripts/install_peers.sh .venv"
+        return "SpikingJelly is not installed; install it with: bash scripts/install_peers.sh .venv"
     if version != SJ_PIN:
         return (f"SpikingJelly {version} is installed, this benchmark compares with {SJ_PIN}; install it with: "
                 "bash scripts/install_peers.sh .venv")
@@ -317,9 +317,9 @@ def profile_all(args, confs, x, y) -> dict:
         print(f"# profile {lab}: step {step:.3f} s = forward {ph['forward']:.3f} (of which neuron layers "
               f"{ph['neuron_forward']:.3f}) + backward {ph['backward']:.3f} + optimizer {ph['optimizer']:.3f}; "
               f"torch.profiler self CPU total {pr['self_total_s']:.3f} s/step")
-        print(f"#   top ops (self s/step, calls/step): " + ", ".join(
+        print("#   top ops (self s/step, calls/step): " + ", ".join(
             f"{k} {s:.3f} ({n})" for k, s, n in pr["top_ops"]))
-        print(f"#   top autograd nodes (total s/step, calls/step): " + ", ".join(
+        print("#   top autograd nodes (total s/step, calls/step): " + ", ".join(
             f"{k} {s:.3f} ({n})" for k, s, n in pr["top_autograd_nodes"]), flush=True)
     return out
 
@@ -419,7 +419,8 @@ def main(argv=None) -> int:
     print(f"  {'config':>7} {'step s':>8} {'cpu s':>7}")
     for lab in confs:
         print(f"  {lab:>7} {C.median(wall[lab]):>8.3f} {C.median(cpu[lab]):>7.3f}")
-    pairs = {"sj_over_ours": ("sj", "ours", TARGETS["unpruned"]), f"sj_over_ours_{g}": ("sj", "ours_g", TARGETS["pruned"]),
+    pairs = {"sj_over_ours": ("sj", "ours", TARGETS["unpruned"]),
+             f"sj_over_ours_{g}": ("sj", "ours_g", TARGETS["pruned"]),
              f"ours_over_ours_{g}": ("ours", "ours_g", None)}
     res["train"]["ratios"] = {}
     for key, (num, den, target) in pairs.items():

@@ -62,7 +62,7 @@ def test_same_parameter_count_and_output_shape(preset):
 
 
 def test_copy_weights_refuses_a_model_with_an_anchor():
-    cfg, ours, ref = _pair(R.torch_lif, anchor=True)
+    _, ours, ref = _pair(R.torch_lif, anchor=True)
     with pytest.raises(ValueError, match="length"):
         R.copy_weights(ours, ref)
 
