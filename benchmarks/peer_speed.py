@@ -30,7 +30,7 @@ time spent inside neuron layers' forward, and torch.profiler's top ops (self CPU
 
 Needs SpikingJelly 2.0.0 (``bash scripts/install_peers.sh .venv``, i.e. ``pip install --no-deps spikingjelly==2.0.0
 loguru==0.7.3``). Default run on spikformer-4-384 (about 3.96 + 2.61 + 5.11 s a round measured once): 2 warm-up +
-36 timed training rounds plus the inference rounds, about 9-10 minutes in all.
+36 timed training rounds (~7.5 min) plus setup, checks and the inference rounds: about 8-9 minutes.
 
     python benchmarks/peer_speed.py                  # spikformer-4-384, 32x32, T=4, batch 32, gamma 0.2
     python benchmarks/peer_speed.py --quick          # smoke run
