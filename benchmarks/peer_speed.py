@@ -403,7 +403,8 @@ def main(argv=None) -> int:
           f"heads={cfg.heads} tokens={cfg.num_image_tokens}; parameters ours {count_params(confs['ours']['model'])}, "
           f"SpikingJelly {count_params(confs['sj']['model'])}, ours_g {count_params(confs['ours_g']['model'])} "
           f"(+ anchor token); ours_g: {args.method} keep {args.gamma:g} at sites "
-          f"{pruned_cfg.prune.resolved_sites(cfg.depth)}, tokens per block {C.tokens_per_block(pruned_cfg)}")
+          f"{pruned_cfg.prune.resolved_sites(cfg.depth)}, tokens per block {C.tokens_per_block(pruned_cfg)}"
+          + (f", anchor_grad {pruned_cfg.prune.anchor_grad}" if hasattr(pruned_cfg.prune, "anchor_grad") else ""))
     m0, m1 = C.count_macs(cfg), C.count_macs(pruned_cfg)
     print(f"# forward GMACs/sample: ours/sj {m0.total / 1e9:.3f}, ours_g {m1.total / 1e9:.3f} (ideal ours/ours_g "
           f"{m0.total / m1.total:.2f})", flush=True)
