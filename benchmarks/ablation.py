@@ -15,7 +15,14 @@ the same gammas:
     stata               --prune stata (TAT: the anchor row per timestep)  TAT 79.23
     stata+intra         --prune stata --align intra                      +intra 79.58
     stata+intra+inter   --prune stata --align intra,inter                +inter 79.86
+    stata-nograd        --prune stata --no-anchor-grad                   (not in the paper)
     tp                  `stata-deploy prune none_s{seed} --method tp --keep G` (no training)
+
+The anchor methods (anchor, stata*) train with ``--anchor-grad`` (the default): without it the anchor's spiking Q
+never receives a gradient (top-k is not differentiable and the head reads image tokens only), stays silent, and
+STATA's scores are all 0, so the activity tie-break alone decides (``benchmarks/anchor_diagnostics.py``);
+``stata-nograd`` measures that. The recipe is all 60,000 training images x 3 epochs: the unpruned model reaches
+86.3 % (seed 0; 30,000 images x 3 epochs gave 84.2 %, below the 85 % the study needs).
 
 Resumable: every finished run appends one record to the results file (default ``benchmarks/results/ablation.json``,
 committed, so a study can span sessions); a rerun skips every (variant, gamma, seed) whose record has the same recipe.
@@ -23,7 +30,7 @@ Runs are trained in child processes (``--workers`` side by side, ``--threads`` e
 The results file is JSON: ``{"format": "stata-deploy-ablation/1", "runs": [record, ...]}``, each record::
 
     {"variant": "stata+intra", "gamma": 0.5, "seed": 1, "recipe": {dataset, model, epochs, train_limit, batch_size,
-     lr, warmup_epochs, prune, keep, align}, "recipe_id": sha256 of the recipe, "test_accuracy": 0.8712,
+     lr, warmup_epochs, prune, keep, align[, anchor_grad]}, "recipe_id": sha256 of the recipe, "test_accuracy": 0.8712,
      "train_seconds": 812.3, "wall_seconds": 840.1, "commit": "<git HEAD>", "finished": "2026-12-01T22:10:00Z",
      "threads": 1}
 
@@ -55,16 +62,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 FORMAT = "stata-deploy-ablation/1"
-VARIANTS = {  # variant -> (prune method, alignment losses)
-    "none": ("none", []),
-    "random": ("random", []),
-    "l1": ("l1", []),
-    "ssa": ("ssa", []),
-    "anchor": ("anchor", []),
-    "stata": ("stata", []),
-    "stata+intra": ("stata", ["intra"]),
-    "stata+intra+inter": ("stata", ["intra", "inter"]),
-    "tp": ("tp", []),  # training-free, from the unpruned run of the same seed
+VARIANTS = {  # variant -> (prune method, alignment losses, anchor_grad: None = not an anchor method)
+    "none": ("none", [], None),
+    "random": ("random", [], None),
+    "l1": ("l1", [], None),
+    "ssa": ("ssa", [], None),
+    "anchor": ("anchor", [], True),
+    "stata": ("stata", [], True),
+    "stata+intra": ("stata", ["intra"], True),
+    "stata+intra+inter": ("stata", ["intra", "inter"], True),
+    "stata-nograd": ("stata", [], False),  # the anchor without the straight-through path: its Q never learns
+    "tp": ("tp", [], None),  # training-free, from the unpruned run of the same seed
 }
 TRAINED = [v for v in VARIANTS if v != "tp"]
 
@@ -98,10 +106,11 @@ def key(r: dict) -> tuple:
 
 
 def recipe(a, variant: str, gamma: float | None) -> dict:
-    method, align = VARIANTS[variant]
+    method, align, anchor_grad = VARIANTS[variant]
     return {"dataset": a.dataset, "model": a.model, "epochs": a.epochs, "train_limit": a.train_limit,
             "batch_size": a.batch_size, "lr": a.lr, "warmup_epochs": a.warmup_epochs, "prune": method,
             "keep": 1.0 if gamma is None else gamma, "align": align,
+            **({"anchor_grad": anchor_grad} if anchor_grad is not None else {}),
             **({"tp_limit": a.tp_limit} if variant == "tp" else {})}
 
 
@@ -130,12 +139,13 @@ def child(a) -> None:
     from stata_deploy.train.loop import TrainConfig, train
 
     variant, gamma, seed = a.child[0], float(a.child[1]), int(a.child[2])
-    method, align = VARIANTS[variant]
+    method, align, anchor_grad = VARIANTS[variant]
     torch.set_num_threads(a.threads)
     out = run_dir(a, variant, None if method == "none" else gamma, seed)
     tc = TrainConfig(dataset=a.dataset, model=a.model, out=str(out), epochs=a.epochs, batch_size=a.batch_size,
                      lr=a.lr, warmup_epochs=a.warmup_epochs, seed=seed, prune=method,
-                     keep=1.0 if method == "none" else gamma, align=align, train_limit=a.train_limit or None,
+                     keep=1.0 if method == "none" else gamma, align=align, anchor_grad=anchor_grad,
+                     train_limit=a.train_limit or None,
                      progress=False, force=True)  # the study's own folder: an unfinished run is redone
     m = train(tc, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(json.dumps(m))
@@ -279,6 +289,7 @@ def verdicts(a, runs: list[dict]) -> list[str]:
         say(f"gamma {g}: AT (anchor) > random", paired(get("anchor"), get("random")))
         say(f"gamma {g}: +intra helps", paired(get("stata+intra"), get("stata")))
         say(f"gamma {g}: +inter helps", paired(get("stata+intra+inter"), get("stata+intra")))
+        say(f"gamma {g}: training the anchor (--anchor-grad) helps", paired(get("stata"), get("stata-nograd")))
         p = paired(get("stata+intra+inter"), c.get(("none", None), {}))
         if p is None:
             out.append(f"gamma {g}: STATA within 1 pt of unpruned: cannot tell (fewer than 2 paired seeds)")

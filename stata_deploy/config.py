@@ -13,6 +13,7 @@ from .registry import Registry
 
 ATTENTION_KINDS = ("ssa", "sdsa", "a2os2a")
 PRUNE_METHODS = ("none", "stata", "anchor", "random", "l1", "ssa", "tp")
+ANCHOR_METHODS = ("stata", "anchor")  # the methods that score by an anchor token (and so need one)
 
 # Bounds of every model config field (inclusive). They are checked with strict types (a JSON ``true`` is not an
 # integer, a string is not a number) before any model is built, so a config.json typo or a hand-edited value fails
@@ -98,6 +99,7 @@ class PruneConfig:
     align_sites: list[int] | None = None
     intra_weight: float = 1e-2
     inter_weight: float = 1e-2
+    anchor_grad: bool = True  # stata/anchor: train the anchor's Q through the kept tokens' scores (see model.py)
 
     def validate(self, depth: int) -> None:
         if not isinstance(self.method, str) or self.method not in PRUNE_METHODS:
@@ -124,6 +126,9 @@ class PruneConfig:
             if a not in ("intra", "inter"):
                 raise ConfigError(f"unknown alignment {a!r}; choose from intra, inter")
         self.align = list(self.align)
+        if not isinstance(self.anchor_grad, (bool, np.bool_)):
+            raise ConfigError(f"prune anchor_grad must be true or false, got {show(self.anchor_grad)}")
+        self.anchor_grad = bool(self.anchor_grad)
         for name in ("intra_weight", "inter_weight"):
             setattr(self, name, check_number(f"prune {name}", getattr(self, name), 0.0, LOSS_WEIGHT_MAX))
 
@@ -208,7 +213,7 @@ class ModelConfig:
                               f"num_classes {self.num_classes} give ~{n / 1e9:.1f}e9 parameters (limit "
                               f"{MAX_PARAMS / 1e9:.0f}e9)")
         self.prune.validate(self.depth)
-        if self.prune.method in ("stata", "anchor") and not self.anchor:
+        if self.prune.method in ANCHOR_METHODS and not self.anchor:
             self.anchor = True
         return self
 

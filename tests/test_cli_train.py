@@ -67,3 +67,12 @@ def test_calibrate_writes_masks(trained_run, tmp_path):
     res = json.loads(r.output.strip().splitlines()[-1])
     assert res["sites"] == {"1": 33}
     assert out.is_file()
+
+
+def test_anchor_grad_refused_for_methods_without_an_anchor(tmp_path):
+    for flag in ("--anchor-grad", "--no-anchor-grad"):
+        r = run("train", "--prune", "l1", "--keep", "0.5", flag, "--epochs", 1, "--out", tmp_path / "a")
+        assert r.exit_code == 2, r.output
+        lines = [l for l in r.output.strip().splitlines() if l]
+        assert len(lines) == 1 and lines[0].startswith("error:") and "anchor" in lines[0], r.output
+        assert not (tmp_path / "a").exists()

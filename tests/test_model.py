@@ -140,3 +140,40 @@ def test_anchor_scorers_break_ties_by_activity_never_against_the_score():
     k[1, 0, :, 2, 0] = 1.0
     scores, tw = SCORERS.get("stata")(x, AttnInfo(q, k, 0.125))
     assert select_topk(scores, tw, T, 0.4, 1)[:, 0].tolist() == [[0, 4, 5], [0, 2, 4]]
+
+
+def test_score_gradient_is_the_identity_forward_and_the_straight_through_path_backward():
+    from stata_deploy.nn.model import _score_gradient
+
+    torch.manual_seed(0)
+    T, B, n, D, k = 3, 2, 6, 4, 3
+    x = torch.randn(T, B, k, D)
+    scores = torch.randn(T, B, n, requires_grad=True)
+    local = torch.stack([torch.randperm(n)[:k].sort().values for _ in range(T * B)]).reshape(T, B, k)
+    y = _score_gradient(x, scores, local, True)
+    assert torch.equal(y, x)  # bitwise: s - s.detach() is exactly 0
+    w = torch.randn_like(x)
+    (y * w).sum().backward()
+    want = torch.zeros(T, B, n).scatter_(2, local, (w * x).sum(-1))  # <dL/dx_j, x_j> at kept slots, 0 elsewhere
+    assert torch.allclose(scores.grad, want, atol=1e-6)
+    s2 = torch.randn(B, n, requires_grad=True)  # AT: one score per token for every timestep
+    _score_gradient(x, s2, local, False).mul(w).sum().backward()
+    assert torch.allclose(s2.grad, want.sum(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["stata", "anchor"])
+def test_anchor_grad_changes_only_the_gradient(method):
+    """--anchor-grad: the same logits bit for bit in training mode, and a gradient that reaches the attention of
+    the block before the site (the anchor's Q) which top-k alone does not give."""
+    grads, logits = {}, {}
+    for on in (True, False):
+        torch.manual_seed(0)
+        cfg = make_config("spikformer-tiny", prune=PruneConfig(method=method, keep=0.5, anchor_grad=on))
+        m = build_model(cfg).train()
+        torch.manual_seed(1)
+        out = m(torch.rand(4, 1, 8, 8))
+        out.logits.sum().backward()
+        logits[on] = out.logits.detach()
+        grads[on] = m.blocks[0].attn.q.linear.weight.grad.clone()
+    assert torch.equal(logits[True], logits[False])
+    assert not torch.equal(grads[True], grads[False])

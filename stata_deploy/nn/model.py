@@ -159,6 +159,8 @@ class SpikingTransformer(nn.Module):
                     scores, tw = SCORERS.get(pr.method)(x, info, generator=self.generator, grid=cfg.grid)
                     local = select_topk(scores.detach(), tw, T, pr.keep, n_fixed)
                     x = gather_slots(x, local)
+                    if self.training and pr.anchor_grad and cfg.anchor and scores.requires_grad:
+                        x = _score_gradient(x, scores, local, tw)
                     index = compose(index, local, N, tw)
                     kept[i] = index.idx
                 x, info = blk(x, index)
@@ -227,6 +229,15 @@ class SpikingTransformer(nn.Module):
         y, info = blk(gather_slots(x, local), index)
         out = x.scatter(2, local.unsqueeze(-1).expand(*local.shape, D), y)
         return out, info, local
+
+
+def _score_gradient(x: torch.Tensor, scores: torch.Tensor, local: torch.Tensor, tw: bool) -> torch.Tensor:
+    """x (T, B, k, D) gathered slots times (1 + s - s.detach()) of their scores: the forward value is x exactly
+    (s - s.detach() is 0.0), the backward gives each kept token's score the gradient <dL/dx_j, x_j> — a
+    straight-through path from the loss to the scorer's inputs (the anchor's Q), which top-k alone cuts."""
+    s = scores if tw else scores.unsqueeze(0).expand(x.shape[0], *scores.shape)  # (T, B, n)
+    s = torch.gather(s, 2, local)  # (T, B, k)
+    return x * (1 + (s - s.detach())).unsqueeze(-1)
 
 
 def build_model(cfg: ModelConfig) -> SpikingTransformer:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from ..fileio import check_run_out, remove_if_empty
 from . import distributed as dist_
-from ..config import PruneConfig, make_config
+from ..config import ANCHOR_METHODS, PruneConfig, make_config
 from .data import Dataset, batches, load_dataset
 from ..errors import ConfigError, StataError
 from ..nn.model import build_model
@@ -54,6 +54,7 @@ class TrainConfig:
     keep: float = 1.0
     sites: list[int] | None = None
     align: list[str] = field(default_factory=list)
+    anchor_grad: bool | None = None  # stata/anchor: straight-through gradient to the anchor (None: on)
     device: str = "auto"
     train_limit: int | None = None  # use only the first N training images (quick runs)
     resume: bool = False
@@ -79,6 +80,9 @@ class TrainConfig:
             raise ConfigError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.warmup_epochs < 0:
             raise ConfigError(f"warmup epochs must be >= 0, got {self.warmup_epochs}")
+        if self.anchor_grad is not None and self.prune not in ANCHOR_METHODS:
+            raise ConfigError(f"--{'' if self.anchor_grad else 'no-'}anchor-grad applies to the anchor-token methods "
+                              f"({', '.join(ANCHOR_METHODS)}), not to --prune {self.prune}")
         if self.train_limit is not None and self.train_limit < 1:
             raise ConfigError(f"train limit must be >= 1, got {self.train_limit}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -93,7 +97,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def model_config_for(tc: TrainConfig, ds: Dataset):
-    prune = PruneConfig(method=tc.prune, keep=tc.keep, sites=tc.sites, align=list(tc.align))
+    prune = PruneConfig(method=tc.prune, keep=tc.keep, sites=tc.sites, align=list(tc.align),
+                        anchor_grad=True if tc.anchor_grad is None else tc.anchor_grad)
     cfg = make_config(
         tc.model,
         img_size=ds.img_size,
