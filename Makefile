@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN ?= runs/demo
 
-.PHONY: venv install demo test clean
+.PHONY: venv install demo test clean bench-peers
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest tests
+
+# SpikingJelly 2.0.0 (--no-deps) for benchmarks/peer_speed.py
+bench-peers: $(BIN)/python
+	bash scripts/install_peers.sh $(VENV)
 
 clean:
 	rm -rf runs .pytest_cache
