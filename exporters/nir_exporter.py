@@ -61,7 +61,18 @@ from stata_deploy.pruning.masks import TokenMasks
 
 NIR_DT = 1e-4  # the Euler step every LIF's tau is expressed in (tau = tau_steps * NIR_DT); the one place it is set
 GATE_TH = 1.5  # threshold of the memoryless AND gate on a + b for binary a, b
-FORMAT_VERSION = 1
+FORMAT_VERSION = description.NIR_FORMAT_VERSION
+# the host operations (IR nodes NIR cannot express), by kind; runtimes.nir_graph executes them (its HOST_KINDS)
+HOST_EQUATIONS = {
+    "qk": "IR Product qk: per head h, A_h = Q_h K_h^T (H, n, n); Q, K token rows (D, n) or maps (D, g, g) (tokens = "
+          "the flattened spatial axes), channel h*dh+j is head h",
+    "av": "IR Product av: per head h, Y_h = (A_h V_h) * scale, merged back to the layout of V",
+    "ktv": "IR Product ktv: per head h, M_h = K_h^T V_h (H, dh, dh)",
+    "qktv": "IR Product qktv: per head h, Y_h = Q_h M_h, merged back to the layout of Q",
+    "relu": "IR Neuron relu: max(x, 0), stateless",
+    "ternary": "IR Neuron ternary: H = V + (X - (V - v_reset)) / tau (tau in timesteps); +1 at H >= v_th, -1 at "
+               "H <= -v_th, V = v_reset where it fired else H; state per element",
+}
 
 
 def nir_threshold(v_th) -> np.ndarray:
@@ -266,6 +277,16 @@ class _Builder:
             return self.token_window(name, inputs, D, len(pos), len(cur), tokens=tokens)
         return self.token_matrix(name, inputs, D, len(pos), _selection(cur, pos).T, tokens=tokens)
 
+    def host(self, name, kind, inputs, output, attrs, layer=None):
+        """A host operation: the IR node ``name`` of ``kind`` (HOST_EQUATIONS) with its fields ``attrs``, reading
+        output ports or earlier host ops, writing input port ``output`` (None: read by host ops only)."""
+        if name in self.nodes or any(h["name"] == name for h in self.host_ops):
+            raise StataError(f"internal: host operation {name!r} clashes with another node")
+        self.host_ops.append(dict(name=name, kind=kind, inputs=list(inputs), output=output, tokens=self.seg,
+                                  attrs=attrs, **({"layer": layer} if layer else {}),
+                                  equation=HOST_EQUATIONS[kind]))
+        return name
+
     def port_out(self, name, src, shape, tokens=None, role="host_port"):
         return self.add(name, self.nir.Output(output_type={"output": np.array(shape)}), [src], tokens=tokens, role=role)
 
@@ -368,33 +389,26 @@ def _tail(b, attn, pre, y, D, tok):
 
 def lower_ssa(b: _Builder, attn: SSA, pre: str, R: list[str], D: int, tok: Tok) -> str:
     o = _qkv(b, attn, pre, R, D, tok)
-    n = tok.n
-    ports = [b.port_out(f"{pre}.host.{nm}", o[nm], tok.shape(D), b.seg) for nm in ("q", "k", "v")]
+    q, k, v = (b.port_out(f"{pre}.host.{nm}", o[nm], tok.shape(D), b.seg) for nm in ("q", "k", "v"))
     res = b.port_in(f"{pre}.host.result", tok.shape(D), b.seg)
-    b.host_ops.append(dict(name=f"{pre}.product", kind="ssa_product", inputs=ports, output=res, tokens=b.seg,
-                           attrs=dict(heads=attn.heads, scale=float(attn.scale)),
-                           equation="per head: Y = (Q K^T) V * scale; Q, K, V binary spikes (D, 1, n) or (D, g, g) "
-                                    "(tokens = the flattened spatial axes), channel h*dh+j is head h; masked tokens "
-                                    "are zero"))
+    b.host(f"{pre}.qk", "qk", [q, k], None, dict(heads=attn.heads))
+    b.host(f"{pre}.av", "av", [f"{pre}.qk", v], res, dict(heads=attn.heads, scale=float(attn.scale)))
     return _tail(b, attn, pre, [res], D, tok)
 
 
 def lower_a2os2a(b: _Builder, attn: A2OS2A, pre: str, R: list[str], D: int, tok: Tok) -> str:
-    n = tok.n
     for nm, want in (("k_lif", ReLUNeuron), ("v_lif", TernaryLIF), ("q_lif", LIF)):
         if type(getattr(attn, nm)) is not want:
             raise UnsupportedOpError(f"{pre}.{nm} ({type(getattr(attn, nm)).__name__}) has no NIR lowering")
     o = _qkv(b, attn, pre, R, D, tok, lif_names=("q",))
-    ports = [b.port_out(f"{pre}.host.{nm}", o[nm], tok.shape(D), b.seg) for nm in ("q", "k", "v")]
+    q, k, v = (b.port_out(f"{pre}.host.{nm}", o[nm], tok.shape(D), b.seg) for nm in ("q", "k", "v"))
     res = b.port_in(f"{pre}.host.result", tok.shape(D), b.seg)
-    v = attn.v_lif
-    b.host_ops.append(dict(name=f"{pre}.product", kind="a2os2a_product", inputs=ports, output=res, tokens=b.seg,
-                           attrs=dict(heads=attn.heads, tau_steps=float(v.tau), v_th=float(v.v_th),
-                                      v_reset=float(v.v_reset)),
-                           records={"k": f"{pre}.k_lif", "v": f"{pre}.v_lif"},
-                           equation="K = relu(k_pre); V = ternary LIF(v_pre) (H = V + (X - (V - v_reset))/tau_steps; "
-                                    "+1 at H >= v_th, -1 at H <= -v_th, hard reset; state per token); "
-                                    "per head: Y = Q (K^T V)"))
+    vl = attn.v_lif
+    b.host(f"{pre}.k_lif", "relu", [k], None, {}, layer=f"{pre}.k_lif")
+    b.host(f"{pre}.v_lif", "ternary", [v], None, dict(tau=float(vl.tau), v_th=float(vl.v_th),
+                                                       v_reset=float(vl.v_reset)), layer=f"{pre}.v_lif")
+    b.host(f"{pre}.ktv", "ktv", [f"{pre}.k_lif", f"{pre}.v_lif"], None, dict(heads=attn.heads))
+    b.host(f"{pre}.qktv", "qktv", [q, f"{pre}.ktv"], res, dict(heads=attn.heads))
     return _tail(b, attn, pre, [res], D, tok)
 
 
@@ -582,7 +596,9 @@ def split_graph(graph, desc: dict) -> list[tuple]:
     Output port ``seg_out.<node>`` in i and an Input port ``seg_in.<node>`` in j."""
     import nir
 
-    host_outs = {h["output"]: h for h in desc["host_ops"]}
+    host_outs = {h["output"]: h for h in desc["host_ops"] if h.get("output")}
+    ports = _host_ports(desc["host_ops"])  # host op -> the output ports it reads, directly or through host ops
+    host_outs = {o: sorted(ports[h["name"]]) for o, h in host_outs.items()}
     level: dict[str, int] = {}
     preds: dict[str, list] = {n: [] for n in graph.nodes}
     for s, d in graph.edges:
@@ -590,7 +606,7 @@ def split_graph(graph, desc: dict) -> list[tuple]:
     order = _topo(graph.nodes, preds, host_outs)
     for name in order:
         if name in host_outs:
-            level[name] = 1 + max(level[p] for p in host_outs[name]["inputs"])
+            level[name] = 1 + max(level[p] for p in host_outs[name])
         else:
             level[name] = max([level[p] for p in preds[name]], default=0)
     nseg = max(level.values()) + 1
@@ -635,6 +651,13 @@ def split_graph(graph, desc: dict) -> list[tuple]:
     return segs
 
 
+def _host_ports(host_ops: list[dict]) -> dict[str, set]:
+    out: dict[str, set] = {}
+    for h in host_ops:  # in order: a host op reads ports or earlier host ops
+        out[h["name"]] = set().union(*(out.get(p, {p}) for p in h["inputs"]))
+    return out
+
+
 def _topo(nodes, preds, host_outs):
     order, seen = [], set()
 
@@ -645,7 +668,7 @@ def _topo(nodes, preds, host_outs):
         for p in preds[n]:
             visit(p)
         if n in host_outs:
-            for p in host_outs[n]["inputs"]:
+            for p in host_outs[n]:
                 visit(p)
         order.append(n)
 
