@@ -745,30 +745,36 @@ def _rows_shape(h, x: _Node) -> tuple:
 
 
 # one function per host-op kind (runtimes.nir_graph.HOST_KINDS): (bld, h, mask, *inputs) -> _Node
+def _matmul(bld, h, a, b, out_shape, mask=None, **args):
+    """A product of two activations (an Op2 matmul), times the Product's ``scale``; in fixed point its values lie
+    on the grid a.grid * b.grid * |scale|."""
+    scale = float(h.attrs.get("scale", 1.0))
+    return bld.op2("matmul", a, b, out_shape, h.name, grid=a.grid * b.grid * abs(scale), mask=mask,
+                   **({"scale": scale} if scale != 1.0 else {}), **args)
+
+
 def _lh_qk(bld, h, mask, q, k):
     H, shape = int(h.attrs["heads"]), _rows_shape(h, q)
     n = int(np.prod(shape[1:]))
-    return bld.op2("matmul", q, k, (H, n, n), h.name, grid=q.grid * k.grid,
-                   **_heads_args("a", H, shape, _NT), **_heads_args("b", H, _rows_shape(h, k), None))
+    return _matmul(bld, h, q, k, (H, n, n), **_heads_args("a", H, shape, _NT),
+                   **_heads_args("b", H, _rows_shape(h, k), None))
 
 
 def _lh_av(bld, h, mask, a, v):
-    H, shape, scale = int(h.attrs["heads"]), _rows_shape(h, v), float(h.attrs["scale"])
-    return bld.op2("matmul", a, v, shape, h.name, grid=a.grid * v.grid * abs(scale), mask=mask, scale=scale,
-                   **_heads_args("b", H, shape, _NT), out_perm=_NT, out_reshape=shape)
+    H, shape = int(h.attrs["heads"]), _rows_shape(h, v)
+    return _matmul(bld, h, a, v, shape, mask, **_heads_args("b", H, shape, _NT), out_perm=_NT, out_reshape=shape)
 
 
 def _lh_ktv(bld, h, mask, k, v):
     H, shape = int(h.attrs["heads"]), _rows_shape(h, k)
     dh = shape[0] // H
-    return bld.op2("matmul", k, v, (H, dh, dh), h.name, grid=k.grid * v.grid,
-                   **_heads_args("a", H, shape, None), **_heads_args("b", H, _rows_shape(h, v), _NT))
+    return _matmul(bld, h, k, v, (H, dh, dh), **_heads_args("a", H, shape, None),
+                   **_heads_args("b", H, _rows_shape(h, v), _NT))
 
 
 def _lh_qktv(bld, h, mask, q, m):
     H, shape = int(h.attrs["heads"]), _rows_shape(h, q)
-    return bld.op2("matmul", q, m, shape, h.name, grid=q.grid * m.grid, mask=mask,
-                   **_heads_args("a", H, shape, _NT), out_perm=_NT, out_reshape=shape)
+    return _matmul(bld, h, q, m, shape, mask, **_heads_args("a", H, shape, _NT), out_perm=_NT, out_reshape=shape)
 
 
 def _lh_relu(bld, h, mask, x):

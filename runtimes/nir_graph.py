@@ -40,10 +40,11 @@ node, named after it (``HostOp.name`` = the IR node's name) with the node's kind
 NIR output ports or earlier host operations' results (``HostOp.inputs``, in argument order) and, when a NIR node
 reads its result, writes the input port ``HostOp.output`` (else None: read by other host operations only). Ports
 are token rows (D, n) or maps (D, g, g) (tokens = the flattened spatial axes); head h is channels h*dh..(h+1)*dh:
-  - ``qk``      (q, k)  -> A_h = Q_h K_h^T                   (H, n, n)   attrs heads          [Product.qk]
-  - ``av``      (A, v)  -> Y_h = (A_h V_h) * scale            like v      attrs heads, scale   [Product.av]
-  - ``ktv``     (k, v)  -> M_h = K_h^T V_h                    (H, dh, dh) attrs heads          [Product.ktv]
-  - ``qktv``    (q, M)  -> Y_h = Q_h M_h                      like q      attrs heads          [Product.qktv]
+  - ``qk``      (q, k)  -> A_h = Q_h K_h^T                   (H, n, n)   attrs heads, scale   [Product.qk]
+  - ``av``      (A, v)  -> Y_h = A_h V_h                      like v      attrs heads, scale   [Product.av]
+  - ``ktv``     (k, v)  -> M_h = K_h^T V_h                    (H, dh, dh) attrs heads, scale   [Product.ktv]
+  - ``qktv``    (q, M)  -> Y_h = Q_h M_h                      like q      attrs heads, scale   [Product.qktv]
+    (a Product's result is multiplied by ``scale``, 1 when absent: SSA's av has 0.125)
   - ``relu``    (x)     -> max(x, 0)                          like x                           [Neuron.relu]
   - ``ternary`` (x)     -> the ternary neuron: H = V + (X - (V - v_reset)) / tau; +1 at H >= v_th, -1 at H <= -v_th,
                            hard reset, state per element   like x      attrs tau (timesteps), v_th, v_reset
@@ -557,23 +558,29 @@ class _State:
 
 # ------------------------------------------------------------------------- host operations, one per IR node kind
 # f(h, st, mask, *inputs) -> result; inputs (B, ...) arrays; mask: the (n,) schedule of h.tokens at t, or None.
+def _scaled(h, y):
+    """A Product's output times its ``scale`` (1 when absent)."""
+    s = float(h.attrs.get("scale", 1.0))
+    return y if s == 1.0 else y * s
+
+
 def _h_qk(h, st, mask, q, k):
     H = int(h.attrs["heads"])
-    return _heads(q, H) @ _heads(k, H).transpose(0, 1, 3, 2)
+    return _scaled(h, _heads(q, H) @ _heads(k, H).transpose(0, 1, 3, 2))
 
 
 def _h_av(h, st, mask, a, v):
-    y = _unheads(a @ _heads(v, int(h.attrs["heads"])) * float(h.attrs["scale"]), v.shape[1:])
+    y = _unheads(_scaled(h, a @ _heads(v, int(h.attrs["heads"]))), v.shape[1:])
     return y if mask is None else y * mask
 
 
 def _h_ktv(h, st, mask, k, v):
     H = int(h.attrs["heads"])
-    return _heads(k, H).transpose(0, 1, 3, 2) @ _heads(v, H)
+    return _scaled(h, _heads(k, H).transpose(0, 1, 3, 2) @ _heads(v, H))
 
 
 def _h_qktv(h, st, mask, q, m):
-    y = _unheads(_heads(q, int(h.attrs["heads"])) @ m, q.shape[1:])
+    y = _unheads(_scaled(h, _heads(q, int(h.attrs["heads"])) @ m), q.shape[1:])
     return y if mask is None else y * mask
 
 
@@ -598,7 +605,7 @@ def _h_ternary(h, st, mask, x):
 # kind -> (inputs, attrs it needs, function). A new host kind (a new IR Product or Neuron kind) is one entry here.
 HOST_KINDS: dict[str, tuple] = {
     "qk": (2, ("heads",), _h_qk),
-    "av": (2, ("heads", "scale"), _h_av),
+    "av": (2, ("heads",), _h_av),
     "ktv": (2, ("heads",), _h_ktv),
     "qktv": (2, ("heads",), _h_qktv),
     "relu": (1, (), _h_relu),
