@@ -258,7 +258,8 @@ class _Builder:
         if name in self.nodes or any(h["name"] == name for h in self.host_ops):
             raise StataError(f"internal: host operation {name!r} clashes with another node")
         op = dict(name=name, kind=kind, inputs=list(inputs), output=output, tokens=tokens, attrs=attrs,
-                  **({"layer": layer} if layer else {}), equation=HOST_EQUATIONS[kind])
+                  **({"layer": layer} if layer else {}),
+                  equation=HOST_EQUATIONS.get(kind, f"IR node kind {kind!r}: see stata_deploy.ir.nodes"))
         self.host_ops.append(op)
         return op
 
@@ -500,18 +501,14 @@ def _qkv_gate(lw: _Lowering, node: Product, q: str, g: str):
                      role="gate", tokens=seg)]
 
 
-# Product kind -> lowering: SDSA's products of binary spikes are standard (gates, sums); the others are host ops
-PRODUCTS = {"kv": _kv_gate, "kv_sum": _kv_sum, "qkv_gate": _qkv_gate,
-            "qk": _host_product, "av": _host_product, "ktv": _host_product, "qktv": _host_product}
+# Product kind -> lowering: SDSA's products of binary spikes are standard (gates, sums); every other kind (qk, av,
+# ktv, qktv, and any new one) is a host operation of that kind, which the reader executes (runtimes.nir_graph.
+# HOST_KINDS) and refuses clearly when it does not know the kind
+PRODUCTS = {"kv": _kv_gate, "kv_sum": _kv_sum, "qkv_gate": _qkv_gate}
 
 
 def _product(lw: _Lowering, node: Product, *ins: str):
-    fn = PRODUCTS.get(node.kind)
-    if fn is None:
-        raise UnsupportedOpError(f"IR product {node.name!r} of kind {node.kind!r} has no NIR lowering: add it to "
-                                 "exporters.nir_exporter.PRODUCTS (a host operation, and its kind to "
-                                 "runtimes.nir_graph.HOST_KINDS)")
-    return fn(lw, node, *ins)
+    return PRODUCTS.get(node.kind, _host_product)(lw, node, *ins)
 
 
 def _head(lw: _Lowering, node: Head, x: str):
@@ -535,7 +532,8 @@ def _head(lw: _Lowering, node: Head, x: str):
 
 
 # IR node type -> lowering ``f(lowering, node, *input names) -> NIR value``. A new attention kind built from
-# existing node kinds needs nothing here; a new Product (or Neuron) kind is one entry in PRODUCTS (NEURONS).
+# existing node kinds needs nothing here; a new Product kind is a host operation by default (PRODUCTS: a standard
+# lowering instead), a new Neuron kind one entry in NEURONS.
 LOWER = {Input: _input, Conv: _conv, Neuron: _neuron, MaxPool: _max_pool, Add: _add, Tokens: _tokens,
          TokenLinear: _token_linear, Product: _product, Select: _select, Rejoin: _rejoin, Head: _head}
 

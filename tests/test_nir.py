@@ -373,3 +373,28 @@ def test_a2os2a_host_ops_are_ir_nodes_and_old_files_are_refused(tmp_path, xcal):
     nir.write(str(p), g)
     with pytest.raises(StataError, match="reads 'blocks.0.attn.nothing', which is neither an output port"):
         read_graph(p)
+
+
+def test_new_product_kind_is_a_host_op_the_reader_names(tmp_path, xcal, monkeypatch):
+    """A Product kind the exporter has no standard lowering for becomes a host operation of that kind (no exporter
+    change); a reader without that kind in its table refuses the file naming it."""
+    import dataclasses
+
+    from exporters.nir_exporter import _describe, lower_ir
+    from stata_deploy import description
+    from stata_deploy.ir import build_ir, nodes
+    from stata_deploy.ir.passes import FoldBatchNorm
+
+    monkeypatch.setitem(nodes.PRODUCT_SHAPES, "qktv2", nodes.PRODUCT_SHAPES["qktv"])
+    model, _ = model_for("a2os2a-tiny", "none", xcal)
+    g = build_ir(model).transform(FoldBatchNorm())
+    g = nodes.Graph(tuple(dataclasses.replace(n, kind="qktv2") if getattr(n, "kind", None) == "qktv" else n
+                          for n in g.nodes), g.inputs, g.blocks)
+    b, _ = lower_ir(g, grid=True)
+    assert [h["kind"] for h in b.host_ops].count("qktv2") == 2
+    desc = _describe(b, model.cfg, None, None, False, False)
+    p = tmp_path / "new.nir"
+    nir.write(str(p), nir.NIRGraph(nodes=b.nodes, edges=b.edges,
+                                   metadata={description.META_KEY: description.encode(desc)}))
+    with pytest.raises(UnsupportedOpError, match="host operation 'blocks.0.attn.qktv' of kind 'qktv2' is unknown"):
+        read_graph(p)
