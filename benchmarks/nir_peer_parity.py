@@ -6,9 +6,11 @@
    every timestep, `calibrate_masks(..., schedule="fixed")` / `stata-deploy calibrate RUN --schedule fixed`): token
    rows of Conv1d nodes (re-ordering, anchor, crop at the pruning site), entirely structural, so snntorch must
    reproduce it exactly without our metadata.
-2. The first `--split` segment of spikformer-tiny (SSA): the SPS stem and block 0's Q/K/V neurons, a standard
-   graph with one image input, replayed by snntorch the same way (one output port at a time: nirtorch 2.6 loops
-   forever on graphs with several Output nodes; segments with several Input nodes are not importable either).
+2. The `--split` segments with one input (the image) of spikformer-tiny (SSA) and a2os2a-tiny (A²OS²A): the SPS
+   stem and block 0's Q/K/V, standard graphs replayed by snntorch the same way (one output port at a time: nirtorch
+   2.6 loops forever on graphs with several Output nodes; segments with several Input nodes are not importable
+   either). For A²OS²A, block 0's ReLU K and ternary V neurons are host operations: our reader's host-op table
+   computes them from snntorch's port values, and they are compared with torch's K and V too.
 Ties: snntorch fires at v > threshold, SpikingJelly/our torch model at v >= threshold; the exporter writes the
 float32 below each threshold, which makes the two rules agree. Each case is also compared with our own reader run
 with the strict rule (v > th on the written threshold): zero mismatches there means any torch mismatch is a tie.
@@ -21,7 +23,7 @@ Usage: python benchmarks/nir_peer_parity.py [--samples 300] [--run RUN] [--prune
   --pruned-run RUN: part 1b on a trained pruned run calibrated with `stata-deploy calibrate RUN --schedule fixed`
   (its RUN/masks.json) instead of a lively sdt-tiny with fixed-schedule masks calibrated on 64 training images.
 Install snntorch without torch: pip install --no-deps snntorch==1.0.0 nirtorch==2.6
-Last line: key=value headline (sdsa_*: part 1, pruned_*: part 1b, stem_segment_*: part 2).
+Last line: key=value headline (sdsa_*: part 1, pruned_*: part 1b, stem_segment_* (SSA), a2os2a_segment_*: part 2).
 """
 from __future__ import annotations
 
@@ -209,6 +211,70 @@ def complete_graph_parity(model, masks, x, chunk: int, path: str, label: str) ->
                 root_flip_max_margin=None if margin is None else float(f"{margin:.3g}"))
 
 
+def one_input_segments_parity(preset: str, x, xcal, chunk: int, tmp: Path) -> dict:
+    """Every ``--split`` segment of a lively ``preset`` with one input port (snntorch imports only those), replayed by
+    snntorch one output port at a time; each LIF layer compared with torch, and the host operations that read only
+    this segment's ports (A2OS2A's ReLU K and ternary V neurons) computed by our reader's host-op table from
+    snntorch's port values and compared with torch's K and V."""
+    from exporters.nir_exporter import NirExporter
+    from runtimes.nir_graph import HOST_KINDS, _State, read_graph, simulate
+    from stata_deploy.inference import run_torch
+
+    model, _ = lively_model(preset, x_cal=xcal)
+    T = model.cfg.T
+    stem = tmp / f"{preset}.nir"
+    files = NirExporter().export(model, None, stem, split=True)["files"][1:]
+    host_ops = read_graph(stem).host_ops
+    ref_sp, peer_sp, strict_sp = {}, {}, {}
+    used = []
+    for f in files:
+        Gs = read_graph(f)
+        if [o.name for o in Gs.ops.values() if o.kind == "input"] != ["input"]:
+            continue  # several input ports (a host result, a segment input): snntorch cannot import it
+        used.append(Path(f).name)
+        outs = [o.name for o in Gs.ops.values() if o.kind == "output"]
+        singles = {}
+        for port in outs:
+            singles[port] = str(tmp / f"{Path(f).stem}.{port}.nir")
+            single_output(f, port, singles[port])
+        layers = [o.layer for o in Gs.ops.values() if o.layer]
+        for i in range(0, len(x), chunk):
+            xb = x[i:i + chunk]
+            ref = run_torch(model, torch.as_tensor(xb)).spikes
+            peer, ports = {}, {}
+            for port, pth in singles.items():
+                sp, o = snntorch_run(pth, xb, T, layers)
+                peer.update(sp)
+                ports[port] = np.stack([v.numpy() for v in o]).astype(np.float64)
+            st, hv = _State(), {}
+            for t in range(T):  # our host-op table on snntorch's port values
+                vals = {p: v[t] for p, v in ports.items()}
+                for h in host_ops:  # those whose inputs this segment (or earlier host ops) provides
+                    ins = [vals.get(n, vals.get(f"host:{n}")) for n in h.inputs]
+                    if any(a is None for a in ins):
+                        continue
+                    vals[f"host:{h.name}"] = HOST_KINDS[h.kind][2](h, st, None, *ins)
+                    if h.layer:
+                        hv.setdefault(h.layer, []).append(vals[f"host:{h.name}"])
+            peer.update({k: np.stack(v) for k, v in hv.items()})
+            _, recs = simulate(Gs, {"input": np.broadcast_to(xb, (T, *xb.shape))}, True, True)
+            for k in list(layers) + list(hv):
+                ref_sp.setdefault(k, []).append(ref[k])
+                peer_sp.setdefault(k, []).append(to_torch_layout(k, peer[k], ref[k]))
+                if k in recs:
+                    strict_sp.setdefault(k, []).append(to_torch_layout(k, np.stack(recs[k]), ref[k]))
+    cat = lambda d: {k: np.concatenate(v, 1) for k, v in d.items()}  # noqa: E731
+    ref_sp, peer_sp, strict_sp = cat(ref_sp), cat(peer_sp), cat(strict_sp)
+    per, tot, n = spike_mismatches(ref_sp, peer_sp)
+    _, tots, _ = spike_mismatches(strict_sp, {k: peer_sp[k] for k in strict_sp})
+    print(f"[{preset} --split segments with one input: {', '.join(used)}] {len(x)} inputs")
+    for k, v in per.items():
+        print(f"  {k:28s} {v:8d} / {ref_sp[k].size} ({int((ref_sp[k] != 0).sum())} nonzero)"
+              + ("  (host op on snntorch's ports)" if k not in strict_sp else ""))
+    print(f"  snntorch vs torch: {tot} of {n} differ; vs our strict-tie reader: {tots}")
+    return dict(mismatches=tot, spikes=n, mismatches_strict_reader=tots, segments=len(used))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=300)
@@ -225,7 +291,6 @@ def main():
     except ImportError as e:
         sys.exit(f"snntorch is not installed ({e}); pip install --no-deps snntorch==1.0.0 nirtorch==2.6")
     from exporters.nir_exporter import NirExporter
-    from runtimes.nir_graph import read_graph, simulate
     from stata_deploy.train.checkpoint import load_model
     from stata_deploy.train.data import load_dataset
     from stata_deploy.inference import run_torch
@@ -269,38 +334,10 @@ def main():
     head.update({f"pruned_{k}": r[k] for k in ("mismatches", "spikes", "root_flips", "root_flip_max_margin",
                                                 "mismatches_strict_reader", "agreement", "exact_without_metadata")})
     head["pruned_kept"] = "/".join(f"{v}of{masks.n_full}" for v in kept.values())
-    # ---------------- 2. SSA: the stem segment of --split
-    model, _ = lively_model("spikformer-tiny", x_cal=xcal)
-    path = str(tmp / "ssa.nir")
-    NirExporter().export(model, None, Path(path), split=True)
-    seg0 = str(tmp / "ssa.seg0.nir")
-    Gs = read_graph(seg0)
-    ref_sp, peer_sp, strict_sp = {}, {}, {}
-    ports = {}
-    for nm in ("q", "k", "v"):
-        ports[nm] = str(tmp / f"ssa.seg0.{nm}.nir")
-        single_output(seg0, f"blocks.0.attn.host.{nm}", ports[nm])
-    for i in range(0, len(x), args.chunk):
-        xb = x[i:i + args.chunk]
-        ref = run_torch(model, torch.as_tensor(xb)).spikes
-        layers = [o.layer for o in Gs.ops.values() if o.layer]
-        peer = {}
-        for nm, pth in ports.items():
-            peer.update(snntorch_run(pth, xb, model.cfg.T, layers)[0])
-        _, recs = simulate(Gs, {"input": np.broadcast_to(xb, (model.cfg.T, *xb.shape))}, True, True)
-        for k in layers:
-            ref_sp.setdefault(k, []).append(ref[k])
-            peer_sp.setdefault(k, []).append(to_torch_layout(k, peer[k], ref[k]))
-            strict_sp.setdefault(k, []).append(to_torch_layout(k, np.stack(recs[k]), ref[k]))
-    cat = lambda d: {k: np.concatenate(v, 1) for k, v in d.items()}  # noqa: E731
-    ref_sp, peer_sp, strict_sp = cat(ref_sp), cat(peer_sp), cat(strict_sp)
-    per, tot2, n2 = spike_mismatches(ref_sp, peer_sp)
-    _, tot2s, _ = spike_mismatches(strict_sp, peer_sp)
-    print(f"[spikformer-tiny --split segment 0: stem + block 0 Q/K/V] {len(x)} inputs")
-    for k, v in per.items():
-        print(f"  {k:28s} {v:8d} / {ref_sp[k].size}")
-    print(f"  snntorch vs torch: {tot2} of {n2} differ; vs our strict-tie reader: {tot2s}")
-    head.update(stem_segment_mismatches=tot2, stem_segment_spikes=n2, stem_segment_mismatches_strict_reader=tot2s)
+    # ---------------- 2. SSA and A2OS2A: the --split segments with one input (the stem + block 0's Q, K, V)
+    for preset, tag in (("spikformer-tiny", "stem_segment"), ("a2os2a-tiny", "a2os2a_segment")):
+        r = one_input_segments_parity(preset, x, xcal, args.chunk, tmp)
+        head.update({f"{tag}_{k}": v for k, v in r.items()})
     print(" ".join(f"{k}={v}" for k, v in {"peer": "snntorch-1.0.0", "samples": len(x), **head}.items()))
 
 

@@ -1,4 +1,9 @@
-"""Export a trained stata-deploy model (and its static token masks) to a standard NIR 1.0 file.
+"""Export a trained stata-deploy model (and its static token masks) to a standard NIR 1.0 file: a lowering of the IR.
+
+``build_graph`` builds the model's IR (``stata_deploy.ir.build_ir``), folds BatchNorm (``FoldBatchNorm``), applies
+the static masks (``ApplyMasks``) and drops tokens never kept (``DropNeverKept``), then walks the IR once: one small
+function per IR node type (``LOWER``; Product kinds in ``PRODUCTS``, Neuron kinds in ``NEURONS``) emits NIR nodes.
+No torch module is looked at beyond ``build_ir``.
 
 Only the standard NIR node types are written (Input, Output, Conv1d, Conv2d, Flatten, SumPool2d, LIF): a custom node
 type makes ``nir.read`` fail for every reader, and other readers map ``nir.Affine`` to a 2-D linear layer (the
@@ -34,9 +39,11 @@ the executed semantics. The lowering:
   depthwise conv with a kernel of ones over the tokens, LIF_0.5, a depthwise conv that copies the (D, 1[, 1]) result
   to every token, Q ⊙ kv = another gate. The gate is an ``nir.LIF`` with tau = 1 * NIR_DT (memoryless under Euler):
   snntorch 1.0.0 imports it exactly; ``nir.Threshold`` is rejected by spikingjelly's importer.
-- SSA and A²OS²A need a product of two activations, which NIR cannot express: Q, K, V leave the graph through
-  Output ports and the product enters through an Input port; the host operation is described in metadata
-  (``host_ops``). A metadata-ignoring reader sees a graph with extra inputs it has no values for: it cannot run the
+- IR nodes NIR cannot express (the Products qk, av of SSA and ktv, qktv of A²OS²A; the ReLU and ternary Neurons of
+  A²OS²A) are host operations, one per IR node, named after it, with its kind and its own fields (``host_ops`` in
+  metadata, ``HOST_EQUATIONS``; format_version 2): a host operation reads Output ports (the NIR values it needs
+  leave the graph there) or earlier host operations' results, and the result a NIR node reads enters through an
+  Input port. A metadata-ignoring reader sees a graph with extra inputs it has no values for: it cannot run the
   model without supplying them, so it cannot silently compute a different network. ``split=True`` also writes the
   standard segments between host operations as separate, runnable files.
 - Static masks (``TokenMasks``): at each drop site, tokens never kept at any timestep are removed from the graph
@@ -53,15 +60,26 @@ from pathlib import Path
 import numpy as np
 
 from stata_deploy import description
-from stata_deploy.nn.attention import A2OS2A, SDSA, SSA, LinearBN
 from stata_deploy.errors import StataError, UnsupportedOpError
 from stata_deploy.exporter_api import Exporter
-from stata_deploy.nn.neurons import LIF, ReLUNeuron, TernaryLIF
+from stata_deploy.ir.nodes import (TOKEN_INDEPENDENT_PRODUCTS, Add, Conv, Graph, Head, Input, MaxPool, Neuron, Node,
+                                   Product, Rejoin, Select, TokenLinear, Tokens)
 from stata_deploy.pruning.masks import TokenMasks
 
 NIR_DT = 1e-4  # the Euler step every LIF's tau is expressed in (tau = tau_steps * NIR_DT); the one place it is set
 GATE_TH = 1.5  # threshold of the memoryless AND gate on a + b for binary a, b
-FORMAT_VERSION = 1
+FORMAT_VERSION = description.NIR_FORMAT_VERSION
+# the host operations (IR nodes NIR cannot express), by kind; runtimes.nir_graph executes them (its HOST_KINDS)
+HOST_EQUATIONS = {
+    "qk": "IR Product qk: per head h, A_h = Q_h K_h^T (H, n, n); Q, K token rows (D, n) or maps (D, g, g) (tokens = "
+          "the flattened spatial axes), channel h*dh+j is head h",
+    "av": "IR Product av: per head h, Y_h = (A_h V_h) * scale, merged back to the layout of V",
+    "ktv": "IR Product ktv: per head h, M_h = K_h^T V_h (H, dh, dh)",
+    "qktv": "IR Product qktv: per head h, Y_h = Q_h M_h, merged back to the layout of Q",
+    "relu": "IR Neuron relu: max(x, 0), stateless",
+    "ternary": "IR Neuron ternary: H = V + (X - (V - v_reset)) / tau (tau in timesteps); +1 at H >= v_th, -1 at "
+               "H <= -v_th, V = v_reset where it fired else H; state per element",
+}
 
 
 def nir_threshold(v_th) -> np.ndarray:
@@ -69,24 +87,6 @@ def nir_threshold(v_th) -> np.ndarray:
     float32 ``v > nextafter(v_th, -inf)`` is exactly ``v >= v_th``. Returned as float64 (exact)."""
     th = np.asarray(v_th, dtype=np.float32)
     return np.nextafter(th, np.float32(-np.inf)).astype(np.float64)
-
-
-def _f64(a) -> np.ndarray:
-    import torch
-
-    if isinstance(a, torch.Tensor):
-        a = a.detach().cpu().double().numpy()
-    return np.asarray(a, dtype=np.float64)
-
-
-def fold_bn(weight, bias, bn) -> tuple[np.ndarray, np.ndarray]:
-    """Fold eval-mode BatchNorm into the preceding layer: returns (W', b') in float64 (out axis first)."""
-    w = _f64(weight)
-    b = _f64(bias) if bias is not None else np.zeros(w.shape[0])
-    scale = _f64(bn.weight) / np.sqrt(_f64(bn.running_var) + bn.eps)
-    w2 = w * scale.reshape(-1, *([1] * (w.ndim - 1)))
-    b2 = (b - _f64(bn.running_mean)) * scale + _f64(bn.bias)
-    return w2, b2
 
 
 def _dense_groups(w: np.ndarray, groups: int) -> np.ndarray:
@@ -135,7 +135,6 @@ class _Builder:
         self.host_ops: list[dict] = []
         self.segments: dict[str, dict] = {}
         self.sites: dict[str, str] = {}
-        self.seg: str | None = None  # current token segment id (masked ops)
         self.order = None  # positions (full sequence) of the token row before any site, graph order
 
     def add(self, name: str, node, inputs=(), **meta) -> str:
@@ -161,12 +160,6 @@ class _Builder:
         )
         return self.add(name, node, inputs, layer=layer, layout=layout, tokens=tokens, role=role)
 
-    def neuron(self, name, inputs, shape, mod, layout, tokens=None):
-        if type(mod) is not LIF:
-            raise UnsupportedOpError(f"neuron {name!r} of type {type(mod).__name__} has no NIR lowering")
-        return self.lif(name, inputs, shape, float(mod.v_th), float(mod.tau), float(mod.v_reset), layer=name,
-                        layout=layout, tokens=tokens)
-
     def conv(self, name, inputs, in_hw, w, b, stride=1, padding=0, groups=1, tokens=None, role=None):
         # NIR 1.0.8 types a Conv2d's input as weight.shape[1] channels, i.e. it does not model groups: a grouped
         # conv fails nir's type check, so grouped kernels are written as the equivalent dense (block-diagonal) one
@@ -185,29 +178,22 @@ class _Builder:
                                dilation=int(dilation), groups=1, bias=np.asarray(b, np.float64))
         return self.add(name, node, inputs, tokens=tokens, role=role)
 
-    def token_linear(self, name, inputs, lbn: LinearBN, tok: "Tok"):
-        """Per-token Linear + BN: a 1x1 Conv2d on the token map (D, g, g), a kernel-1 Conv1d on a row (D, n)."""
-        w, b = fold_bn(lbn.linear.weight, lbn.linear.bias, lbn.bn)
-        if tok.grid:
-            return self.conv(name, inputs, (tok.grid, tok.grid), w[:, :, None, None], b, tokens=self.seg)
-        return self.conv1d(name, inputs, tok.n, w[:, :, None], b, tokens=self.seg)
-
-    def token_sum(self, name, src, D, tok: "Tok"):
+    def token_sum(self, name, srcs, D, tok: "Tok"):
         """Sum over tokens -> (D, 1, 1) / (D, 1): a depthwise conv whose kernel of ones covers the map / row."""
         if tok.grid:
             g = tok.grid
-            return self.conv(name, [src], (g, g), np.ones((D, 1, g, g)), np.zeros(D), groups=D, role="token_sum")
-        return self.conv1d(name, [src], tok.n, np.ones((D, 1, tok.n)), np.zeros(D), groups=D, role="token_sum")
+            return self.conv(name, srcs, (g, g), np.ones((D, 1, g, g)), np.zeros(D), groups=D, role="token_sum")
+        return self.conv1d(name, srcs, tok.n, np.ones((D, 1, tok.n)), np.zeros(D), groups=D, role="token_sum")
 
-    def token_broadcast(self, name, src, D, tok: "Tok"):
+    def token_broadcast(self, name, srcs, D, tok: "Tok", tokens=None):
         """(D, 1, 1) / (D, 1) -> every token: a depthwise conv of ones with padding kernel - 1."""
         if tok.grid:
             g = tok.grid
-            return self.conv(name, [src], (1, 1), np.ones((D, 1, g, g)), np.zeros(D), padding=g - 1, groups=D,
-                             role="token_broadcast")
+            return self.conv(name, srcs, (1, 1), np.ones((D, 1, g, g)), np.zeros(D), padding=g - 1, groups=D,
+                             role="token_broadcast", tokens=tokens)
         n = tok.n
-        return self.conv1d(name, [src], 1, np.ones((D, 1, n)), np.zeros(D), padding=n - 1, groups=D,
-                           role="token_broadcast", tokens=self.seg)
+        return self.conv1d(name, srcs, 1, np.ones((D, 1, n)), np.zeros(D), padding=n - 1, groups=D,
+                           role="token_broadcast", tokens=tokens)
 
     def token_window(self, name, inputs, D, n_in, n_out, shift=0, tokens=None, role="reindex"):
         """Token row (D, n_in) -> (D, n_out), output token q = input token q + shift (zero outside the input): one
@@ -266,42 +252,338 @@ class _Builder:
             return self.token_window(name, inputs, D, len(pos), len(cur), tokens=tokens)
         return self.token_matrix(name, inputs, D, len(pos), _selection(cur, pos).T, tokens=tokens)
 
-    def port_out(self, name, src, shape, tokens=None, role="host_port"):
-        return self.add(name, self.nir.Output(output_type={"output": np.array(shape)}), [src], tokens=tokens, role=role)
+    def host(self, name, kind, inputs, output, attrs, tokens=None, layer=None) -> dict:
+        """A host operation: the IR node ``name`` of ``kind`` (HOST_EQUATIONS) with its fields ``attrs``, reading
+        output ports or earlier host ops, writing input port ``output`` (None: read by host ops only)."""
+        if name in self.nodes or any(h["name"] == name for h in self.host_ops):
+            raise StataError(f"internal: host operation {name!r} clashes with another node")
+        op = dict(name=name, kind=kind, inputs=list(inputs), output=output, tokens=tokens, attrs=attrs,
+                  **({"layer": layer} if layer else {}),
+                  equation=HOST_EQUATIONS.get(kind, f"IR node kind {kind!r}: see stata_deploy.ir.nodes"))
+        self.host_ops.append(op)
+        return op
+
+    def port_out(self, name, srcs, shape, tokens=None, role="host_port"):
+        srcs = srcs if isinstance(srcs, list) else [srcs]
+        return self.add(name, self.nir.Output(output_type={"output": np.array(shape)}), srcs, tokens=tokens, role=role)
 
     def port_in(self, name, shape, tokens=None, role="host_result"):
         return self.add(name, self.nir.Input(input_type={"input": np.array(shape)}), [], tokens=tokens, role=role)
 
 
-# ------------------------------------------------------------------------------------------------ the stem
-def _lower_stem(b: _Builder, model) -> tuple[list[str], int, int]:
-    cfg = model.cfg
-    C, H = cfg.in_channels, cfg.img_size
-    b.add("input", b.nir.Input(input_type={"input": np.array([C, H, H])}))
-    prev, hw, ch = ["input"], H, C
-    for i, st in enumerate(model.stem.stages):
-        w, bias = fold_bn(st.conv.conv.weight, st.conv.conv.bias, st.conv.bn)
-        ch = w.shape[0]
-        c = b.conv(f"stem.stages.{i}.conv", prev, (hw, hw), w, bias, padding=1)
-        s = b.neuron(f"stem.stages.{i}.lif", [c], (ch, hw, hw), st.lif, "grid")
-        prev = [s]
-        if st.pool is not None:
-            pool = st.pool.pool
-            if (pool.kernel_size, pool.stride, pool.padding) not in ((3, 2, 1), ((3, 3), (2, 2), (1, 1))):
-                raise UnsupportedOpError(f"MaxPool2d at stem.stages.{i}.pool with kernel {pool.kernel_size} has no "
-                                         "NIR lowering here")
-            p = b.add(f"stem.stages.{i}.pool.sum", b.nir.SumPool2d(kernel_size=np.array([3, 3]),
-                                                                   stride=np.array([2, 2]), padding=np.array([1, 1])),
-                      prev)
-            hw = (hw + 2 - 3) // 2 + 1
-            prev = [b.lif(f"stem.stages.{i}.pool.any", [p], (ch, hw, hw), 0.5, 1.0, role="gate")]
-    w, bias = fold_bn(model.stem.rpe.conv.weight, model.stem.rpe.conv.bias, model.stem.rpe.bn)
-    r = b.conv("stem.rpe.conv", prev, (hw, hw), w, bias, padding=1)
-    rl = b.neuron("stem.rpe_lif", [r], (ch, hw, hw), model.stem.rpe_lif, "grid")
-    return [*prev, rl], ch, hw
+# ------------------------------------------------------------------------------------- the IR -> NIR lowering
+class _Lowering:
+    """One walk over the IR graph ``g`` (topological order), filling the NIR builder ``b``.
+
+    The NIR form of an IR value: a list of NIR node names whose outputs sum to it (NIR sums several edges into one
+    node: a residual Add is the concatenation of its operands' lists), or, for a value a host operation computes,
+    ``HostVal``. A host value read by a NIR node enters through one input port (``srcs``); a NIR value read by a host
+    operation leaves through one output port (``port``)."""
+
+    def __init__(self, g: Graph, b: _Builder, grid: int | None, order: np.ndarray):
+        self.g, self.b, self.grid = g, b, grid
+        self.vals: dict[str, list[str] | HostVal] = {}
+        self.pos: dict[str | None, np.ndarray] = {None: order}  # Select name (None: before any) -> row positions
+        self.ports_out: dict[str, str] = {}  # IR value -> its output port
+        self.ports_in: dict[str, str] = {}  # host value -> its input port
+        self.maps: set[str] = set()  # IR values that are feature maps (C, H, W): the stem, up to the Tokens node
+        self.single: set[str] = set()  # token-independent IR values (one row (1, D): SDSA's token sum and after)
+        self.time_varying = False
+
+    # ---- layout of an IR value in the NIR graph
+    def seg(self, name: str) -> str | None:
+        """The token segment id of the rows of IR value ``name`` (None: the rows before any pruning site)."""
+        s = self.g.schedules[name]
+        return None if s is None else f"site{self.g.node(s).site}"
+
+    def rows(self, name: str) -> np.ndarray:
+        """Positions (full sequence) of the NIR token rows that hold IR value ``name``, graph order."""
+        return self.pos[self.g.schedules[name]]
+
+    def tok(self, name: str) -> Tok:
+        return Tok(len(self.rows(name)), self.grid)
+
+    def shape(self, name: str) -> tuple:
+        """The NIR shape of IR value ``name``: maps stay (C, H, W); token rows (n, D) are (D, n) / (D, g, g); a
+        token-independent row (1, D) is (D, 1) / (D, 1, 1)."""
+        s = self.g.shapes[name]
+        if name in self.maps:
+            return s
+        if len(s) != 2:
+            raise UnsupportedOpError(f"IR value {name!r} of shape {s} has no NIR form (only host operations read it)")
+        tok = self.tok(name)
+        return tok.single(s[1]) if name in self.single else tok.shape(s[1])
+
+    def layout(self, name: str) -> str:
+        if name in self.maps:
+            return "grid"
+        if name in self.single:
+            return "single"
+        return self.tok(name).layout
+
+    # ---- values
+    def srcs(self, name: str) -> list[str]:
+        """The NIR nodes whose sum is IR value ``name`` (a host value: its input port, made once)."""
+        v = self.vals[name]
+        if not isinstance(v, HostVal):
+            return list(v)
+        if name not in self.ports_in:
+            parent = name.rsplit(".", 1)[0]
+            port = f"{parent}.host.result"
+            if port in self.b.nodes:
+                port = f"{name}.host.result"
+            self.ports_in[name] = self.b.port_in(port, self.shape(name), self.seg(name))
+            v.op["output"] = port
+        return [self.ports_in[name]]
+
+    def host_input(self, name: str) -> str:
+        """What a host operation reads for IR value ``name``: another host op's name, or an output port."""
+        v = self.vals[name]
+        if isinstance(v, HostVal):
+            return v.op["name"]
+        if name not in self.ports_out:
+            parent, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+            leaf = leaf[:-4] if leaf.endswith("_lif") else leaf
+            port = f"{parent}.host.{leaf}"
+            self.ports_out[name] = self.b.port_out(port, list(v), self.shape(name), self.seg(name))
+        return self.ports_out[name]
+
+    def binary(self, node: Node, i: int) -> list[str]:
+        """The NIR sources of input i of ``node``, which must be binary spikes (a LIF neuron) for a gate."""
+        src = self.g.inputs[node.name][i]
+        n = self.g.node(src)
+        if not (isinstance(n, Neuron) and n.kind == "lif"):
+            raise UnsupportedOpError(f"{node.name} ({type(node).__name__}"
+                                     f"{'.' + node.kind if isinstance(node, Product) else ''}): its input {src!r} is "
+                                     "not a LIF neuron's binary spikes, which the NIR gate lowering needs")
+        return self.srcs(src)
 
 
-def _lower_tokens(b: _Builder, srcs: list[str], D: int, g: int, model, order: np.ndarray) -> list[str]:
+@dataclass
+class HostVal:
+    """An IR value computed by a host operation (``op``: its entry in the description's host_ops)."""
+
+    op: dict
+
+
+def _sibling(name: str, leaf: str) -> str:
+    """``blocks.0.attn.qkv_gate`` -> ``blocks.0.attn.<leaf>``: a NIR node next to the IR node ``name``."""
+    return f"{name.rsplit('.', 1)[0]}.{leaf}" if "." in name else leaf
+
+
+def _input(lw: _Lowering, node: Input):
+    return [lw.b.add(node.name, lw.b.nir.Input(input_type={"input": np.array([node.channels, node.height,
+                                                                               node.width])}))]
+
+
+def _conv(lw: _Lowering, node: Conv, x: str):
+    _, h, w = lw.g.shapes[x]
+    bias = node.bias if node.bias is not None else np.zeros(node.out_channels)
+    return [lw.b.conv(node.name, lw.srcs(x), (h, w), node.weight, bias, stride=node.stride, padding=node.padding)]
+
+
+def _token_linear(lw: _Lowering, node: TokenLinear, x: str):
+    """Per-token Linear (+ folded BN): a 1x1 Conv2d on the token map (D, g, g), a kernel-1 Conv1d on a row (D, n)."""
+    w = np.asarray(node.weight, np.float64)
+    b = np.asarray(node.bias, np.float64) if node.bias is not None else np.zeros(node.out_features)
+    tok, seg = lw.tok(x), lw.seg(node.name)
+    if tok.grid:
+        return [lw.b.conv(node.name, lw.srcs(x), (tok.grid, tok.grid), w[:, :, None, None], b, tokens=seg)]
+    return [lw.b.conv1d(node.name, lw.srcs(x), tok.n, w[:, :, None], b, tokens=seg)]
+
+
+def _lif(lw: _Lowering, node: Neuron, x: str):
+    return [lw.b.lif(node.name, lw.srcs(x), lw.shape(node.name), node.v_th, node.tau, node.v_reset, layer=node.name,
+                     layout=lw.layout(node.name), tokens=lw.seg(node.name))]
+
+
+def _host(lw: _Lowering, node: Node, *ins: str, **attrs):
+    """A host operation for IR node ``node``: named after it, its kind and its own fields; its token segment is
+    that of its rows (or of its operands' rows, for a token-independent result)."""
+    seg = lw.seg(node.name) or next((lw.seg(i) for i in ins if lw.seg(i)), None)
+    op = lw.b.host(node.name, node.kind, [lw.host_input(i) for i in ins], None, attrs, tokens=seg,
+                   layer=node.name if isinstance(node, Neuron) else None)
+    return HostVal(op)
+
+
+def _host_neuron(lw: _Lowering, node: Neuron, x: str):
+    attrs = {} if not node.stateful else dict(tau=float(node.tau), v_th=float(node.v_th), v_reset=float(node.v_reset))
+    return _host(lw, node, x, **attrs)
+
+
+def _host_product(lw: _Lowering, node: Product, *ins: str):
+    return _host(lw, node, *ins, heads=node.heads, scale=float(node.scale))
+
+
+# Neuron kind -> lowering: a LIF is nir.LIF; ReLU and ternary neurons have no NIR form (host operations)
+NEURONS = {"lif": _lif, "relu": _host_neuron, "ternary": _host_neuron}
+
+
+def _neuron(lw: _Lowering, node: Neuron, x: str):
+    fn = NEURONS.get(node.kind)
+    if fn is None:
+        raise UnsupportedOpError(f"IR neuron {node.name!r} of kind {node.kind!r} has no NIR lowering: add it to "
+                                 "exporters.nir_exporter.NEURONS")
+    return fn(lw, node, x)
+
+
+def _max_pool(lw: _Lowering, node: MaxPool, x: str):
+    """Max-pool of binary spikes = "any spike in the window": a SumPool2d and a memoryless gate (threshold 0.5)."""
+    lw.binary(node, 0)
+    k, s, p = (np.array([v, v]) for v in (node.kernel, node.stride, node.padding))
+    sm = lw.b.add(f"{node.name}.sum", lw.b.nir.SumPool2d(kernel_size=k, stride=s, padding=p), lw.srcs(x))
+    return [lw.b.lif(f"{node.name}.any", [sm], lw.shape(node.name), 0.5, 1.0, role="gate")]
+
+
+def _add(lw: _Lowering, node: Add, a: str, b: str):
+    return lw.srcs(a) + lw.srcs(b)  # several edges into one node are summed
+
+
+def _tokens(lw: _Lowering, node: Tokens, x: str):
+    D, g, _ = lw.g.shapes[x]
+    if lw.grid:
+        return lw.srcs(x)  # tokens stay on the stem's (D, g, g) map
+    return _token_row(lw.b, lw.srcs(x), D, g, node.anchor_value if node.anchor else None, node.n_fixed,
+                      lw.pos[None])
+
+
+def _select(lw: _Lowering, node: Select, x: str):
+    """A static pruning site: the rows of the tokens whose neurons exist after it (drop: kept at some timestep,
+    ``DropNeverKept``; skip: the kept tokens, the same at every timestep) are a prefix of the row in token order,
+    so the selection is a crop. The schedule of the kept ones per timestep goes to metadata (a token segment)."""
+    cur, m, sid = lw.rows(x), node.schedule, f"site{node.site}"
+    if node.mode == "skip":
+        if node.timestep_wise:
+            raise UnsupportedOpError(f"skip-mode (tp) masks that differ across timesteps at block {node.site} have no "
+                                     "NIR lowering (the torch model keeps slot state, not token state)")
+        keep = cur[m[0][cur]]
+    else:
+        keep = cur[np.isin(cur, node.tokens)]
+        lw.time_varying |= bool((m[:, keep] != m[:1, keep]).any())
+    lw.pos[node.name] = keep
+    lw.b.segments[sid] = dict(site=node.site, positions=keep.tolist(), schedule=m[:, keep].astype(int).tolist())
+    lw.b.sites[str(node.site)] = sid
+    D = lw.g.shapes[x][1]
+    return [lw.b.token_select(node.name, lw.srcs(x), D, cur, keep, tokens=sid)]
+
+
+def _rejoin(lw: _Lowering, node: Rejoin, x: str, y: str):
+    """TP skip: the block output y = (its selected rows) + (the block's residual branches); the stream x with the
+    selected rows replaced by y is x + the branches placed back at their rows (a zero pad / token matrix)."""
+    sel = lw.g.schedules[y]
+    inner, mine = lw.srcs(y), lw.srcs(sel)
+    if inner[:len(mine)] != mine:
+        raise UnsupportedOpError(f"{node.name}: the block output {y!r} is not its selected rows plus residual "
+                                 "branches, which the NIR lowering of TP's skip needs")
+    D = lw.g.shapes[x][1]
+    place = lw.b.token_place(_sibling(node.name, "place"), inner[len(mine):], D, lw.pos[sel], lw.rows(x),
+                             tokens=lw.seg(node.name))
+    return lw.srcs(x) + [place]
+
+
+def _kv_gate(lw: _Lowering, node: Product, k: str, v: str):
+    """K ⊙ V of binary spikes: a memoryless gate on k + v (two edges) with threshold 1.5."""
+    ins = lw.binary(node, 0) + lw.binary(node, 1)
+    return [lw.b.lif(f"{node.name}_and", ins, lw.shape(node.name), GATE_TH, 1.0, role="gate", tokens=lw.seg(node.name))]
+
+
+def _kv_sum(lw: _Lowering, node: Product, x: str):
+    return [lw.b.token_sum(node.name, lw.srcs(x), lw.g.shapes[x][1], lw.tok(x))]
+
+
+def _qkv_gate(lw: _Lowering, node: Product, q: str, g: str):
+    """Q ⊙ G (G one row, on every token): G copied to every token by a depthwise conv, then a gate."""
+    D, tok, seg = lw.g.shapes[q][1], lw.tok(q), lw.seg(node.name)
+    lw.binary(node, 1)
+    bc = lw.b.token_broadcast(_sibling(node.name, "kv_broadcast"), lw.srcs(g), D, tok,
+                              tokens=seg if not tok.grid else None)
+    return [lw.b.lif(_sibling(node.name, "qkv_and"), lw.binary(node, 0) + [bc], lw.shape(node.name), GATE_TH, 1.0,
+                     role="gate", tokens=seg)]
+
+
+# Product kind -> lowering: SDSA's products of binary spikes are standard (gates, sums); every other kind (qk, av,
+# ktv, qktv, and any new one) is a host operation of that kind, which the reader executes (runtimes.nir_graph.
+# HOST_KINDS) and refuses clearly when it does not know the kind
+PRODUCTS = {"kv": _kv_gate, "kv_sum": _kv_sum, "qkv_gate": _qkv_gate}
+
+
+def _product(lw: _Lowering, node: Product, *ins: str):
+    return PRODUCTS.get(node.kind, _host_product)(lw, node, *ins)
+
+
+def _head(lw: _Lowering, node: Head, x: str):
+    """Mean over the image tokens kept per timestep + Linear: one conv whose kernel covers the tokens (zero at the
+    anchor), output port ``logits``."""
+    W = np.asarray(node.weight, np.float64)  # (classes, D)
+    bias = np.asarray(node.bias, np.float64)
+    k_img = lw.g.shapes[x][0] - node.n_fixed
+    D = node.in_features
+    if lw.grid:  # kernel (g, g) over the map
+        g = lw.grid
+        w = np.broadcast_to(W[:, :, None, None] / float(k_img), (W.shape[0], D, g, g))
+        lw.b.conv(node.name, lw.srcs(x), (g, g), w, bias)
+    else:  # a Conv1d with kernel n over the row, zero at the anchor's slot
+        cur = lw.rows(x)
+        w = np.zeros((W.shape[0], D, len(cur)))
+        w[:, :, np.flatnonzero(cur >= node.n_fixed)] = W[:, :, None] / float(k_img)
+        lw.b.conv1d(node.name, lw.srcs(x), len(cur), w, bias)
+    shape = [W.shape[0], 1, 1] if lw.grid else [W.shape[0], 1]
+    return [lw.b.add("logits", lw.b.nir.Output(output_type={"output": np.array(shape)}), [node.name])]
+
+
+# IR node type -> lowering ``f(lowering, node, *input names) -> NIR value``. A new attention kind built from
+# existing node kinds needs nothing here; a new Product kind is a host operation by default (PRODUCTS: a standard
+# lowering instead), a new Neuron kind one entry in NEURONS.
+LOWER = {Input: _input, Conv: _conv, Neuron: _neuron, MaxPool: _max_pool, Add: _add, Tokens: _tokens,
+         TokenLinear: _token_linear, Product: _product, Select: _select, Rejoin: _rejoin, Head: _head}
+
+
+def lower_ir(g: Graph, grid: bool) -> tuple[_Builder, _Lowering]:
+    """The NIR nodes of IR graph ``g`` (BatchNorm folded, static masks applied, never-kept tokens dropped)."""
+    tokens = next(n for n in g.nodes if isinstance(n, Tokens))
+    D, side, _ = g.shapes[g.inputs[tokens.name][0]]
+    b = _Builder(g.T)
+    order = np.arange(side * side) if grid else token_order(g)
+    if not grid:
+        b.order = order
+    lw = _Lowering(g, b, side if grid else None, order)
+    stem = True  # before the Tokens node, values are feature maps
+    for node in g.nodes:
+        fn = LOWER.get(type(node))
+        if fn is None:
+            raise UnsupportedOpError(f"IR node {node.name!r} ({type(node).__name__}) has no NIR lowering: add one to "
+                                     "exporters.nir_exporter.LOWER")
+        stem = stem and not isinstance(node, Tokens)
+        ins = g.inputs[node.name]
+        if stem:
+            lw.maps.add(node.name)
+        elif (node.kind in TOKEN_INDEPENDENT_PRODUCTS if isinstance(node, Product)
+              else bool(ins) and all(i in lw.single for i in ins)):
+            lw.single.add(node.name)
+        lw.vals[node.name] = fn(lw, node, *g.inputs[node.name])
+    return b, lw
+
+
+def token_order(g: Graph) -> np.ndarray:
+    """The order of the token row (positions in the full sequence): every pruning site then keeps a prefix, so that
+    its selection is a crop. Drop mode (nested kept sets): the anchor, then the tokens kept (at any timestep) by the
+    last site, then those kept by the site before, ... then the tokens no site keeps (each group ascending). Skip
+    mode: the tokens of the first site, then the rest. No sites: ascending."""
+    n = g.n_tokens
+    n_fixed = next(t.n_fixed for t in g.nodes if isinstance(t, Tokens))
+    pos = np.arange(n)
+    sel = sorted((s for s in g.nodes if isinstance(s, Select)), key=lambda s: s.site)
+    if not sel:
+        return pos
+    if sel[0].mode == "skip":
+        level = sel[0].schedule[0].astype(int)
+    else:
+        level = sum(s.schedule.any(0).astype(int) for s in sel)
+    level = np.where(pos < n_fixed, len(sel) + 1, level)
+    return np.lexsort((pos, -level))
+
+
+def _token_row(b: _Builder, srcs: list[str], D: int, g: int, anchor, n_fixed: int, order: np.ndarray) -> list[str]:
     """(D, g, g) map (sum of srcs) -> token row (D, n) holding the sequence positions ``order`` (graph order; the
     anchor is position 0, image token p = i*g + j of the map is position p + 1 with an anchor, p without).
 
@@ -310,7 +592,6 @@ def _lower_tokens(b: _Builder, srcs: list[str], D: int, g: int, model, order: np
     slot one window Conv1d. The anchor, a learned constant token, is a Conv1d with zero weights and the anchor as
     its bias ((D, 1): the same value at every timestep, whatever its input), placed at its slot by a one-hot window
     Conv1d (zero at the other tokens); every consumer sums the row and the placed anchor (two edges)."""
-    n_fixed = 1 if model.anchor is not None else 0
     N = g * g
     n = len(order)
     flat = b.add("tokens.flat", b.nir.Flatten(input_type={"input": np.array([D, g, g])}, start_dim=-2, end_dim=-1),
@@ -325,119 +606,11 @@ def _lower_tokens(b: _Builder, srcs: list[str], D: int, g: int, model, order: np
             if p >= n_fixed:
                 mat[a_, int(p) - n_fixed] = 1.0
         row = b.token_matrix("tokens.row", [flat], D, N, mat)
-    if model.anchor is None:
+    if anchor is None:
         return [row]
-    const = b.conv1d("tokens.anchor", [flat], N, np.zeros((D, D, 1)), _f64(model.anchor).reshape(-1), stride=N,
-                     role="anchor")
+    const = b.conv1d("tokens.anchor", [flat], N, np.zeros((D, D, 1)), np.asarray(anchor, np.float64).reshape(-1),
+                     stride=N, role="anchor")
     return [row, b.token_window("tokens.anchor.place", [const], D, 1, n, shift=-int(slot[0]), role="anchor")]
-
-
-def token_order(n: int, n_fixed: int, masks: TokenMasks | None) -> np.ndarray:
-    """The order of the token row (positions in the full sequence): every pruning site then keeps a prefix, so that
-    its selection is a crop. Drop mode (nested kept sets): the anchor, then the tokens kept (at any timestep) by the
-    last site, then those kept by the site before, ... then the tokens no site keeps (each group ascending). Skip
-    mode: the tokens of the first site, then the rest. No sites: ascending."""
-    pos = np.arange(n)
-    if masks is None or not masks.sites:
-        return pos
-    sites = sorted(masks.sites)
-    if masks.mode == "skip":
-        level = masks.sites[sites[0]][0].astype(int)
-    else:
-        level = sum(masks.sites[s].any(0).astype(int) for s in sites)
-    level = np.where(pos < n_fixed, len(sites) + 1, level)
-    return np.lexsort((pos, -level))
-
-
-# ----------------------------------------------------------------------------------------------- attention
-def _qkv(b, attn, pre, R, D, tok, lif_names=("q", "k", "v")):
-    outs = {}
-    for nm in ("q", "k", "v"):
-        c = b.token_linear(f"{pre}.{nm}", R, getattr(attn, nm), tok)
-        mod = getattr(attn, f"{nm}_lif")
-        outs[nm] = b.neuron(f"{pre}.{nm}_lif", [c], tok.shape(D), mod, tok.layout, b.seg) if nm in lif_names else c
-    return outs
-
-
-def _tail(b, attn, pre, y, D, tok):
-    """attn_lif (given its input) -> proj -> proj_lif."""
-    a = b.neuron(f"{pre}.attn_lif", y, tok.shape(D), attn.attn_lif, tok.layout, b.seg)
-    p = b.token_linear(f"{pre}.proj", [a], attn.proj, tok)
-    return b.neuron(f"{pre}.proj_lif", [p], tok.shape(D), attn.proj_lif, tok.layout, b.seg)
-
-
-def lower_ssa(b: _Builder, attn: SSA, pre: str, R: list[str], D: int, tok: Tok) -> str:
-    o = _qkv(b, attn, pre, R, D, tok)
-    n = tok.n
-    ports = [b.port_out(f"{pre}.host.{nm}", o[nm], tok.shape(D), b.seg) for nm in ("q", "k", "v")]
-    res = b.port_in(f"{pre}.host.result", tok.shape(D), b.seg)
-    b.host_ops.append(dict(name=f"{pre}.product", kind="ssa_product", inputs=ports, output=res, tokens=b.seg,
-                           attrs=dict(heads=attn.heads, scale=float(attn.scale)),
-                           equation="per head: Y = (Q K^T) V * scale; Q, K, V binary spikes (D, 1, n) or (D, g, g) "
-                                    "(tokens = the flattened spatial axes), channel h*dh+j is head h; masked tokens "
-                                    "are zero"))
-    return _tail(b, attn, pre, [res], D, tok)
-
-
-def lower_a2os2a(b: _Builder, attn: A2OS2A, pre: str, R: list[str], D: int, tok: Tok) -> str:
-    n = tok.n
-    for nm, want in (("k_lif", ReLUNeuron), ("v_lif", TernaryLIF), ("q_lif", LIF)):
-        if type(getattr(attn, nm)) is not want:
-            raise UnsupportedOpError(f"{pre}.{nm} ({type(getattr(attn, nm)).__name__}) has no NIR lowering")
-    o = _qkv(b, attn, pre, R, D, tok, lif_names=("q",))
-    ports = [b.port_out(f"{pre}.host.{nm}", o[nm], tok.shape(D), b.seg) for nm in ("q", "k", "v")]
-    res = b.port_in(f"{pre}.host.result", tok.shape(D), b.seg)
-    v = attn.v_lif
-    b.host_ops.append(dict(name=f"{pre}.product", kind="a2os2a_product", inputs=ports, output=res, tokens=b.seg,
-                           attrs=dict(heads=attn.heads, tau_steps=float(v.tau), v_th=float(v.v_th),
-                                      v_reset=float(v.v_reset)),
-                           records={"k": f"{pre}.k_lif", "v": f"{pre}.v_lif"},
-                           equation="K = relu(k_pre); V = ternary LIF(v_pre) (H = V + (X - (V - v_reset))/tau_steps; "
-                                    "+1 at H >= v_th, -1 at H <= -v_th, hard reset; state per token); "
-                                    "per head: Y = Q (K^T V)"))
-    return _tail(b, attn, pre, [res], D, tok)
-
-
-def lower_sdsa(b: _Builder, attn: SDSA, pre: str, R: list[str], D: int, tok: Tok) -> str:
-    o = _qkv(b, attn, pre, R, D, tok)
-    sh = tok.shape(D)
-    kv = b.lif(f"{pre}.kv_and", [o["k"], o["v"]], sh, GATE_TH, 1.0, role="gate", tokens=b.seg)
-    s = b.token_sum(f"{pre}.kv_sum", kv, D, tok)
-    a = b.neuron(f"{pre}.attn_lif", [s], tok.single(D), attn.attn_lif, "single")
-    bc = b.token_broadcast(f"{pre}.kv_broadcast", a, D, tok)
-    g = b.lif(f"{pre}.qkv_and", [o["q"], bc], sh, GATE_TH, 1.0, role="gate", tokens=b.seg)
-    p = b.token_linear(f"{pre}.proj", [g], attn.proj, tok)
-    return b.neuron(f"{pre}.proj_lif", [p], sh, attn.proj_lif, tok.layout, b.seg)
-
-
-ATTENTION_LOWERINGS = {SSA: lower_ssa, SDSA: lower_sdsa, A2OS2A: lower_a2os2a}
-# leaf module types the lowering understands (anything else in the model is an op with no NIR lowering)
-_KNOWN_LEAVES = ("Conv2d", "BatchNorm2d", "BatchNorm1d", "Linear", "LIF", "TernaryLIF", "ReLUNeuron", "MaxPool2d",
-                 "MatMul", "Hadamard", "TokenSum")
-
-
-def _check_ops(model) -> None:
-    for name, m in model.named_modules():
-        if len(list(m.children())) == 0 and type(m).__name__ not in _KNOWN_LEAVES:
-            raise UnsupportedOpError(f"op {type(m).__name__} at {name!r} has no NIR lowering")
-        if name.endswith(".attn") and type(m) not in ATTENTION_LOWERINGS:
-            raise UnsupportedOpError(f"attention {type(m).__name__} at {name!r} has no NIR lowering")
-
-
-def _lower_mlp(b, mlp, pre, R, D, tok):
-    c1 = b.token_linear(f"{pre}.fc1", R, mlp.fc1, tok)
-    h = mlp.fc1.linear.out_features
-    s1 = b.neuron(f"{pre}.fc1_lif", [c1], tok.shape(h), mlp.fc1_lif, tok.layout, b.seg)
-    c2 = b.token_linear(f"{pre}.fc2", [s1], mlp.fc2, tok)
-    return b.neuron(f"{pre}.fc2_lif", [c2], tok.shape(D), mlp.fc2_lif, tok.layout, b.seg)
-
-
-def _lower_block(b, blk, i, R, D, tok):
-    pre = f"blocks.{i}"
-    a = ATTENTION_LOWERINGS[type(blk.attn)](b, blk.attn, f"{pre}.attn", R, D, tok)
-    R = [*R, a]
-    m = _lower_mlp(b, blk.mlp, f"{pre}.mlp", R, D, tok)
-    return [*R, m], a, m
 
 
 def _selection(cur: np.ndarray, keep_pos: np.ndarray) -> np.ndarray:
@@ -450,85 +623,38 @@ def _selection(cur: np.ndarray, keep_pos: np.ndarray) -> np.ndarray:
 
 
 def build_graph(model, masks: TokenMasks | None, weights_sha256: str | None = None):
-    """Lower ``model`` (+ static masks) to (nir.NIRGraph, description dict)."""
+    """Lower ``model`` (+ static masks) to (nir.NIRGraph, description dict): its IR (``build_ir``), BatchNorm
+    folded, the masks applied and never-kept tokens dropped, then one function per IR node type (``LOWER``)."""
     import nir
 
-    from stata_deploy.nn.model import SpikingTransformer
+    from stata_deploy.config import ModelConfig
+    from stata_deploy.ir import build_ir
+    from stata_deploy.ir.passes import ApplyMasks, DropNeverKept, FoldBatchNorm
 
-    if not isinstance(model, SpikingTransformer):
+    cfg = getattr(model, "cfg", None)
+    if not isinstance(cfg, ModelConfig):
         raise StataError(f"not a stata-deploy model ({type(model).__name__}); export a run folder written by "
                          "`stata-deploy train`")
-    cfg = model.cfg
     model.eval()
-    _check_ops(model)
     if masks is not None:
         masks.check_model(cfg)
-    elif cfg.prune.active:
+    g = build_ir(model).transform(FoldBatchNorm())
+    if masks is not None:
+        g = g.transform(ApplyMasks(masks)).transform(DropNeverKept())
+    dyn = next((n for n in g.nodes if isinstance(n, Select) and not n.static), None)
+    if dyn is not None:
         raise UnsupportedOpError(
-            f"dynamic top-k token selection (prune={cfg.prune.method}, keep={cfg.prune.keep}) has no NIR lowering: "
-            "NIR needs a fixed topology; run `stata-deploy calibrate RUN` to freeze static masks and export with them")
-    b = _Builder(cfg.T)
-    srcs, D, g = _lower_stem(b, model)
-    grid = masks is None and model.anchor is None
-    n_fixed = 1 if cfg.anchor else 0
-    if grid:
-        R, n = srcs, g * g  # tokens stay on the stem's (D, g, g) map: every node is a plain Conv2d / LIF
-        cur = np.arange(n)
-    else:
-        cur = token_order(cfg.num_tokens, n_fixed, masks)  # positions (in the full sequence) of the token row
-        R, n = _lower_tokens(b, srcs, D, g, model, cur), len(cur)
-        b.order = cur
-    sites = sorted(masks.sites) if masks is not None else []
+            f"dynamic top-k token selection (prune={dyn.method}, keep={dyn.keep}) has no NIR lowering: NIR needs a "
+            "fixed topology; run `stata-deploy calibrate RUN` to freeze static masks and export with them")
+    anchor = next(n for n in g.nodes if isinstance(n, Tokens)).anchor
+    b, lw = lower_ir(g, grid=masks is None and not anchor)
     skip = masks is not None and masks.mode == "skip"
-    time_varying = False
-    for i, blk in enumerate(model.blocks):
-        if i in sites and skip:
-            m = masks.sites[i]
-            if (m != m[:1]).any():
-                raise UnsupportedOpError(f"skip-mode (tp) masks that differ across timesteps at block {i} have no "
-                                         "NIR lowering (the torch model keeps slot state, not token state)")
-            keep_pos = cur[m[0][cur]]  # kept positions in graph order
-            sid = f"site{i}"
-            b.segments[sid] = dict(site=i, positions=keep_pos.tolist(), schedule=m[:, keep_pos].astype(int).tolist())
-            b.sites[str(i)] = sid
-            outer, b.seg = b.seg, sid  # a constant all-ones schedule: only names the block's token order
-            sel = b.token_select(f"blocks.{i}.select", R, D, cur, keep_pos, tokens=sid)
-            _, a, mm = _lower_block(b, blk, i, [sel], D, Tok(len(keep_pos)))
-            b.seg = outer
-            R = [*R, b.token_place(f"blocks.{i}.place", [a, mm], D, keep_pos, cur, tokens=b.seg)]
-            continue
-        if i in sites:
-            m = masks.sites[i]  # (T, n_full)
-            union = cur[m.any(0)[cur]]  # tokens kept at any timestep, graph order (a prefix of cur)
-            sid = f"site{i}"
-            sched = m[:, union]
-            time_varying |= bool((sched != sched[:1]).any())
-            b.segments[sid] = dict(site=i, positions=union.tolist(), schedule=sched.astype(int).tolist())
-            b.sites[str(i)] = sid
-            b.seg = sid
-            R = [b.token_select(f"blocks.{i}.select", R, D, cur, union, tokens=sid)]
-            cur = union
-            n = len(cur)
-        R, _, _ = _lower_block(b, blk, i, R, D, Tok(n, g if grid else None))
-    # head: mean over the image tokens kept per timestep + Linear = one conv whose kernel covers the tokens
-    k_img = (masks.final_mask()[0].sum() if (masks is not None and not skip) else cfg.num_tokens) - n_fixed
-    W = _f64(model.head.weight)  # (classes, D)
-    if grid:  # kernel (g, g) over the map
-        w = np.broadcast_to(W[:, :, None, None] / float(k_img), (W.shape[0], D, g, g))
-        b.conv("head", R, (g, g), w, _f64(model.head.bias))
-    else:  # a Conv1d with kernel n over the row, zero at the anchor's slot
-        w = np.zeros((W.shape[0], D, n))
-        w[:, :, np.flatnonzero(cur >= n_fixed)] = W[:, :, None] / float(k_img)
-        b.conv1d("head", R, n, w, _f64(model.head.bias))
-    b.add("logits", nir.Output(output_type={"output": np.array([W.shape[0], 1, 1] if grid else [W.shape[0], 1])}),
-          ["head"])
-    desc = _describe(b, model, masks, weights_sha256, time_varying, skip)
+    desc = _describe(b, cfg, masks, weights_sha256, lw.time_varying, skip)
     graph = nir.NIRGraph(nodes=b.nodes, edges=b.edges, metadata={description.META_KEY: description.encode(desc)})
     return graph, desc
 
 
-def _describe(b, model, masks, weights_sha256, time_varying, skip) -> dict:
-    cfg = model.cfg
+def _describe(b, cfg, masks, weights_sha256, time_varying, skip) -> dict:
     if b.host_ops:
         computes = ("the graph is NOT runnable without the host operations listed in 'host_ops': Q, K, V leave through "
                     "output ports and the attention result enters through input ports ('*.host.result'); a reader "
@@ -582,7 +708,9 @@ def split_graph(graph, desc: dict) -> list[tuple]:
     Output port ``seg_out.<node>`` in i and an Input port ``seg_in.<node>`` in j."""
     import nir
 
-    host_outs = {h["output"]: h for h in desc["host_ops"]}
+    host_outs = {h["output"]: h for h in desc["host_ops"] if h.get("output")}
+    ports = _host_ports(desc["host_ops"])  # host op -> the output ports it reads, directly or through host ops
+    host_outs = {o: sorted(ports[h["name"]]) for o, h in host_outs.items()}
     level: dict[str, int] = {}
     preds: dict[str, list] = {n: [] for n in graph.nodes}
     for s, d in graph.edges:
@@ -590,7 +718,7 @@ def split_graph(graph, desc: dict) -> list[tuple]:
     order = _topo(graph.nodes, preds, host_outs)
     for name in order:
         if name in host_outs:
-            level[name] = 1 + max(level[p] for p in host_outs[name]["inputs"])
+            level[name] = 1 + max(level[p] for p in host_outs[name])
         else:
             level[name] = max([level[p] for p in preds[name]], default=0)
     nseg = max(level.values()) + 1
@@ -635,6 +763,13 @@ def split_graph(graph, desc: dict) -> list[tuple]:
     return segs
 
 
+def _host_ports(host_ops: list[dict]) -> dict[str, set]:
+    out: dict[str, set] = {}
+    for h in host_ops:  # in order: a host op reads ports or earlier host ops
+        out[h["name"]] = set().union(*(out.get(p, {p}) for p in h["inputs"]))
+    return out
+
+
 def _topo(nodes, preds, host_outs):
     order, seen = [], set()
 
@@ -645,7 +780,7 @@ def _topo(nodes, preds, host_outs):
         for p in preds[n]:
             visit(p)
         if n in host_outs:
-            for p in host_outs[n]["inputs"]:
+            for p in host_outs[n]:
                 visit(p)
         order.append(n)
 

@@ -733,40 +733,82 @@ def _heads_args(prefix: str, heads: int, shape, perm) -> dict:
     return {f"{prefix}_reshape": (heads, D // heads, n), f"{prefix}_perm": perm}
 
 
+_NT = (0, 1, 3, 2)  # (B, H, dh, n) <-> (B, H, n, dh)
+
+
+def _rows_shape(h, x: _Node) -> tuple:
+    """The port shape (D, n) / (D, 1, n) / (D, g, g) of a host op's token-row operand."""
+    if len(x.shape) not in (2, 3):
+        raise NirFormatError(f"host operation {h.name!r}: operands must be token rows (D, n) / (D, 1, n) or maps "
+                             f"(D, g, g), got shape {x.shape}")
+    return x.shape
+
+
+# one function per host-op kind (runtimes.nir_graph.HOST_KINDS): (bld, h, mask, *inputs) -> _Node
+def _matmul(bld, h, a, b, out_shape, mask=None, **args):
+    """A product of two activations (an Op2 matmul), times the Product's ``scale``; in fixed point its values lie
+    on the grid a.grid * b.grid * |scale|."""
+    scale = float(h.attrs.get("scale", 1.0))
+    return bld.op2("matmul", a, b, out_shape, h.name, grid=a.grid * b.grid * abs(scale), mask=mask,
+                   **({"scale": scale} if scale != 1.0 else {}), **args)
+
+
+def _lh_qk(bld, h, mask, q, k):
+    H, shape = int(h.attrs["heads"]), _rows_shape(h, q)
+    n = int(np.prod(shape[1:]))
+    return _matmul(bld, h, q, k, (H, n, n), **_heads_args("a", H, shape, _NT),
+                   **_heads_args("b", H, _rows_shape(h, k), None))
+
+
+def _lh_av(bld, h, mask, a, v):
+    H, shape = int(h.attrs["heads"]), _rows_shape(h, v)
+    return _matmul(bld, h, a, v, shape, mask, **_heads_args("b", H, shape, _NT), out_perm=_NT, out_reshape=shape)
+
+
+def _lh_ktv(bld, h, mask, k, v):
+    H, shape = int(h.attrs["heads"]), _rows_shape(h, k)
+    dh = shape[0] // H
+    return _matmul(bld, h, k, v, (H, dh, dh), **_heads_args("a", H, shape, None),
+                   **_heads_args("b", H, _rows_shape(h, v), _NT))
+
+
+def _lh_qktv(bld, h, mask, q, m):
+    H, shape = int(h.attrs["heads"]), _rows_shape(h, q)
+    return _matmul(bld, h, q, m, shape, mask, **_heads_args("a", H, shape, _NT), out_perm=_NT, out_reshape=shape)
+
+
+def _lh_relu(bld, h, mask, x):
+    return bld.neuron(x, h.name, "relu", mask)
+
+
+def _lh_ternary(bld, h, mask, x):
+    vr = float(h.attrs["v_reset"])
+    return bld.neuron(x, h.name, "ternary", mask, tau_steps=float(h.attrs["tau"]), r=1.0, v_leak=vr,
+                      v_th=float(h.attrs["v_th"]), v_reset=vr)
+
+
+LOWER_HOST = {"qk": _lh_qk, "av": _lh_av, "ktv": _lh_ktv, "qktv": _lh_qktv, "relu": _lh_relu,
+              "ternary": _lh_ternary}
+
+
 def _low_host(bld, g, h, nodes) -> _Node:
-    """A host operation (a product NIR cannot express) as Lava processes."""
+    """A host operation (an IR node NIR cannot express) as Lava processes, its host-op inputs first (each lowered
+    once: ``nodes`` holds them under their names). Neurons with a ``layer`` are recorded."""
+    if h.name in nodes:
+        return nodes[h.name]
+    fn = LOWER_HOST.get(h.kind)
+    if fn is None:
+        raise UnsupportedOpError(f"host operation {h.name!r} of kind {h.kind!r} has no Lava lowering "
+                                 f"(supported: {', '.join(LOWER_HOST)})")
+    by_name = {o.name: o for o in g.host_ops}
+    ins = [_low_host(bld, g, by_name[p], nodes) if p in by_name else nodes[p] for p in h.inputs]
     mask = g.segments[h.tokens].schedule if h.tokens else None
-    ins = [nodes[p] for p in h.inputs]
-    heads = int(h.attrs.get("heads", 1))
-    shape = ins[0].shape
-    if len(shape) not in (2, 3) or any(i.shape != shape for i in ins):
-        raise NirFormatError(f"host operation {h.name!r}: ports must be token rows (D, n) / (D, 1, n) or maps "
-                             f"(D, g, g) of one shape, got {[i.shape for i in ins]}")
-    D, n = shape[0], int(np.prod(shape[1:]))
-    dh = D // heads
-    NT = (0, 1, 3, 2)  # (B, H, dh, n) <-> (B, H, n, dh)
-    if h.kind == "ssa_product":
-        q, k, v = ins
-        scale = float(h.attrs.get("scale", 1.0))
-        qk = bld.op2("matmul", q, k, (heads, n, n), h.name + ".qk", grid=1.0,
-                     **_heads_args("a", heads, shape, NT), **_heads_args("b", heads, shape, None))
-        return bld.op2("matmul", qk, v, shape, h.name + ".av", grid=scale, mask=mask, scale=scale,
-                       **_heads_args("b", heads, shape, NT), out_perm=NT, out_reshape=shape)
-    if h.kind == "a2os2a_product":
-        q, kpre, vpre = ins
-        vr = float(h.attrs.get("v_reset", 0.0))
-        k = bld.neuron(kpre, h.name + ".k", "relu", mask)
-        v = bld.neuron(vpre, h.name + ".v", "ternary", mask, tau_steps=float(h.attrs.get("tau_steps", 2.0)), r=1.0,
-                       v_leak=vr, v_th=float(h.attrs.get("v_th", 1.0)), v_reset=vr)
+    y = nodes[h.name] = fn(bld, h, mask, *ins)
+    if h.layer:
+        shape = y.shape
         lay = "tokens" if (len(shape) == 2 or shape[1] == 1) else "grid_tokens"
-        for role, node in (("k", k), ("v", v)):
-            if role in h.records:
-                bld.record(h.records[role], node, (lay, h.tokens))
-        ktv = bld.op2("matmul", k, v, (heads, dh, dh), h.name + ".ktv", grid=k.grid,
-                      **_heads_args("a", heads, shape, None), **_heads_args("b", heads, shape, NT))
-        return bld.op2("matmul", q, ktv, shape, h.name + ".qktv", grid=k.grid, mask=mask,
-                       **_heads_args("a", heads, shape, NT), out_perm=NT, out_reshape=shape)
-    raise UnsupportedOpError(f"host operation {h.name!r} of kind {h.kind!r} has no Lava lowering")
+        bld.record(h.layer, y, (lay, h.tokens))
+    return y
 
 
 def lower_graph(g, batch: int, precision: str, dtype: str = "float64") -> _Builder:

@@ -35,13 +35,24 @@ are summed). Timing: zero-delay. At each timestep t every op runs once, in ``Gra
 soon as all their input ports have a value at t. There is no synaptic delay (a backend with one step of delay per
 synapse, e.g. Lava's Dense, must delay-match residual branches and run T + depth steps).
 
-``Graph.host_ops`` (list of ``HostOp``): operations NIR cannot express (a product of two activations, ReLU, the
-ternary neuron). Each reads output ports ``HostOp.inputs`` and writes the input port ``HostOp.output``:
-  - ``ssa_product``:   inputs (q, k, v) binary spikes (D, 1, n); per head h (channels h*dh..(h+1)*dh):
-                       Y_h = (Q_h K_h^T) V_h * scale with Q_h = q[h-channels, 0, :].T (n, dh); output (D, 1, n).
-  - ``a2os2a_product``: inputs (q spikes, k pre-activation, v pre-activation); K = relu(k); V = ternary LIF(v)
-                       (state per token; fires +1 at H >= v_th, -1 at H <= -v_th, hard reset, tau_steps from
-                       ``attrs``); Y_h = Q_h (K_h^T V_h); records K and V under ``HostOp.records``.
+``Graph.host_ops`` (list of ``HostOp``, format_version 2): the IR nodes NIR cannot express, one host operation per
+node, named after it (``HostOp.name`` = the IR node's name) with the node's kind and fields (``attrs``). Each reads
+NIR output ports or earlier host operations' results (``HostOp.inputs``, in argument order) and, when a NIR node
+reads its result, writes the input port ``HostOp.output`` (else None: read by other host operations only). Ports
+are token rows (D, n) or maps (D, g, g) (tokens = the flattened spatial axes); head h is channels h*dh..(h+1)*dh:
+  - ``qk``      (q, k)  -> A_h = Q_h K_h^T                   (H, n, n)   attrs heads, scale   [Product.qk]
+  - ``av``      (A, v)  -> Y_h = A_h V_h                      like v      attrs heads, scale   [Product.av]
+  - ``ktv``     (k, v)  -> M_h = K_h^T V_h                    (H, dh, dh) attrs heads, scale   [Product.ktv]
+  - ``qktv``    (q, M)  -> Y_h = Q_h M_h                      like q      attrs heads, scale   [Product.qktv]
+    (a Product's result is multiplied by ``scale``, 1 when absent: SSA's av has 0.125)
+  - ``relu``    (x)     -> max(x, 0)                          like x                           [Neuron.relu]
+  - ``ternary`` (x)     -> the ternary neuron: H = V + (X - (V - v_reset)) / tau; +1 at H >= v_th, -1 at H <= -v_th,
+                           hard reset, state per element   like x      attrs tau (timesteps), v_th, v_reset
+                                                                                                 [Neuron.ternary]
+A host operation on token rows belongs to token segment ``HostOp.tokens``: its token-row result is multiplied by
+the schedule at t, and a neuron's masked tokens get no input. ``HostOp.layer`` (neurons): recorded under that
+torch module name, like a LIF op's ``layer``. Files of format 1 (per-attention host ops ``ssa_product``,
+``a2os2a_product``) are refused with the re-export command.
 
 Token layout and masks: the transformer part of the graph carries tokens on the last axis, rows (D, n) (files of
 earlier versions: (D, 1, n)), in the order ``Graph.row_positions`` (the description's ``token_order``: positions in
@@ -79,9 +90,9 @@ from stata_deploy.errors import StataError, UnsupportedOpError
 from stata_deploy.ir.geometry import _span, conv_synapses  # noqa: F401 - shared with the NIR exporter
 from stata_deploy.results import RunResult
 
-from stata_deploy.description import META_KEY  # noqa: E402 - graph metadata key holding our JSON description
+from stata_deploy.description import META_KEY, NIR_FORMAT_VERSION  # noqa: E402 - our JSON description
 OP_KINDS = ("input", "output", "affine", "conv1d", "conv2d", "sumpool2d", "flatten", "lif")
-HOST_KINDS = ("ssa_product", "a2os2a_product")
+OLD_HOST_KINDS = ("ssa_product", "a2os2a_product")  # format 1 (refused: re-export)
 
 
 class NirFormatError(StataError):
@@ -103,13 +114,13 @@ class Op:
 
 @dataclass
 class HostOp:
-    name: str
-    kind: str  # one of HOST_KINDS
-    inputs: list[str]  # output-port op names, in the documented order
-    output: str  # input-port op name receiving the result
-    attrs: dict = field(default_factory=dict)  # heads, scale, v_th, tau_steps, ...
-    tokens: str | None = None  # token segment of the ports
-    records: dict = field(default_factory=dict)  # role ("k", "v") -> torch layer name recorded
+    name: str  # the IR node's name (unique among ops and host ops)
+    kind: str  # one of HOST_KINDS (an IR Product or Neuron kind)
+    inputs: list[str]  # output-port op names or earlier host ops' names, in argument order
+    output: str | None  # input-port op name receiving the result (None: read by other host ops only)
+    attrs: dict = field(default_factory=dict)  # the IR node's fields: heads, scale / tau, v_th, v_reset
+    tokens: str | None = None  # token segment of its token rows
+    layer: str | None = None  # torch module name its result is recorded under (neurons)
 
 
 @dataclass
@@ -244,17 +255,50 @@ def _check_finite_params(name: str, op: Op) -> None:
 
 
 def _check_host_attrs(h: HostOp) -> None:
-    """The numbers a host operation reads from its attrs: heads a positive int, the rest finite (tau_steps > 0)."""
+    """The numbers a host operation reads from its attrs: heads a positive int, the rest finite (tau >= 1)."""
     from stata_deploy.config import is_int, is_number
 
+    need = HOST_KINDS[h.kind][1]
+    missing = [k for k in need if k not in h.attrs]
+    if missing:
+        raise NirFormatError(f"host operation {h.name!r} ({h.kind}) lacks attrs {missing}")
     heads = h.attrs.get("heads", 1)
     if not is_int(heads) or heads < 1:
         raise NirFormatError(f"host operation {h.name!r}: heads must be a positive integer, got {heads!r}")
-    for k in ("scale", "v_th", "v_reset", "tau_steps"):
+    for k in ("scale", "v_th", "v_reset", "tau"):
         v = h.attrs.get(k)
-        if v is not None and (not is_number(v) or not np.isfinite(float(v)) or (k == "tau_steps" and v <= 0)):
+        if v is not None and (not is_number(v) or not np.isfinite(float(v)) or (k == "tau" and v < 1)):
             raise NirFormatError(f"host operation {h.name!r}: {k} must be a finite number"
-                                 + (" > 0" if k == "tau_steps" else "") + f", got {v!r}")
+                                 + (" >= 1 (timesteps)" if k == "tau" else "") + f", got {v!r}")
+
+
+def _check_host_wiring(host_ops: list[HostOp], ops: dict) -> None:
+    """Names unique among ops and host ops; inputs are output ports or earlier host ops (no cycles), with the
+    kind's arity; results go to input ports no one else feeds; every host op's result is read."""
+    seen: set[str] = set()
+    read: set[str] = set()
+    ports_written: set[str] = set()
+    for h in host_ops:
+        if h.name in ops or h.name in seen:
+            raise NirFormatError(f"host operation {h.name!r}: its name is not unique in the graph")
+        arity = HOST_KINDS[h.kind][0]
+        if len(h.inputs) != arity:
+            raise NirFormatError(f"host operation {h.name!r} ({h.kind}) takes {arity} input(s), got {len(h.inputs)}")
+        for p in h.inputs:
+            if p in seen:
+                read.add(p)
+            elif p not in ops or ops[p].kind != "output":
+                raise NirFormatError(f"host operation {h.name!r} reads {p!r}, which is neither an output port of the "
+                                     "graph nor an earlier host operation")
+        if h.output is not None:
+            if h.output not in ops or ops[h.output].kind != "input" or h.output in ports_written:
+                raise NirFormatError(f"host operation {h.name!r} writes {h.output!r}, which is not an input port of "
+                                     "the graph (or another host operation writes it too)")
+            ports_written.add(h.output)
+        seen.add(h.name)
+    unread = [h.name for h in host_ops if h.output is None and h.name not in read]
+    if unread:
+        raise NirFormatError(f"host operations {unread} have results that nothing reads")
 
 
 def _check_dt(dt) -> float:
@@ -328,19 +372,27 @@ def from_nir(g, dt: float | None = None) -> Graph:
         if src not in ops or dst not in ops:
             raise NirFormatError(f"the graph has an edge {src!r} -> {dst!r} to a node that does not exist")
         ops[dst].inputs.append(src)
+    version = desc.get("format_version")
+    old_kinds = sorted({str(h.get("kind")) for h in desc.get("host_ops", []) if isinstance(h, dict)}
+                       & set(OLD_HOST_KINDS))
+    if old_kinds or (isinstance(version, int) and version < NIR_FORMAT_VERSION and desc.get("host_ops")):
+        raise NirFormatError(f"written by an older stata-deploy (NIR format {version}, host operations "
+                             f"{old_kinds or 'per attention kind'}); re-export it: stata-deploy export RUN --to nir")
+    if isinstance(version, int) and version > NIR_FORMAT_VERSION:
+        raise NirFormatError(f"written by a newer stata-deploy (NIR format {version}; this reader knows "
+                             f"{NIR_FORMAT_VERSION}): update stata-deploy")
     try:
-        host_ops = [HostOp(h["name"], h["kind"], list(h["inputs"]), h["output"], dict(h.get("attrs", {})),
-                           h.get("tokens"), dict(h.get("records", {}))) for h in desc.get("host_ops", [])]
+        host_ops = [HostOp(h["name"], h["kind"], list(h["inputs"]), h.get("output"), dict(h.get("attrs", {})),
+                           h.get("tokens"), h.get("layer")) for h in desc.get("host_ops", [])]
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise NirFormatError(f"the file's description of its host operations is damaged ({type(e).__name__}: {e})") \
             from None
     for h in host_ops:
         if h.kind not in HOST_KINDS:
-            raise UnsupportedOpError(f"host operation {h.name!r} of kind {h.kind!r} is unknown to this reader")
-        for p in [*h.inputs, h.output]:
-            if p not in ops:
-                raise NirFormatError(f"host operation {h.name!r} names port {p!r}, which is not in the graph")
+            raise UnsupportedOpError(f"host operation {h.name!r} of kind {h.kind!r} is unknown to this reader "
+                                     f"(known: {', '.join(HOST_KINDS)})")
         _check_host_attrs(h)
+    _check_host_wiring(host_ops, ops)
     segments = {}
     try:
         for sid, s in desc.get("token_segments", {}).items():
@@ -384,10 +436,20 @@ def read_graph(path: str | Path, dt: float | None = None) -> Graph:
         raise NirFormatError(f"{path}: {e}") from None
 
 
+def host_ports(host_ops: list[HostOp]) -> dict[str, set[str]]:
+    """Host op name -> the output ports it reads, directly or through earlier host ops."""
+    out: dict[str, set[str]] = {}
+    for h in host_ops:  # inputs are earlier host ops (checked) or ports
+        out[h.name] = set().union(*(out.get(p, {p}) for p in h.inputs))
+    return out
+
+
 def _toposort(ops: dict[str, Op], host_ops: list[HostOp]) -> list[str]:
     deps = {n: set(o.inputs) for n, o in ops.items()}
+    ports = host_ports(host_ops)
     for h in host_ops:
-        deps[h.output] |= set(h.inputs)  # the result port waits for the host op's inputs
+        if h.output is not None:
+            deps[h.output] |= ports[h.name]  # the result port waits for the ports its host ops read
     order, seen, temp = [], set(), set()
 
     def visit(n):
@@ -494,38 +556,74 @@ class _State:
         self.strict = strict
 
 
-def _run_host(h: HostOp, vals: dict, st: _State, mask, records: dict, t: int):
-    ins = [vals[p] for p in h.inputs]
-    heads = int(h.attrs.get("heads", 1))
-    if h.kind == "ssa_product":
-        q, k, v = (_heads(a, heads) for a in ins)
-        y = (q @ k.transpose(0, 1, 3, 2)) @ v * float(h.attrs.get("scale", 1.0))
-    elif h.kind == "a2os2a_product":
-        q, kpre, vpre = ins
-        kk = np.maximum(kpre, 0.0)
-        if mask is not None:
-            kk = kk * mask
-            vpre = vpre * mask  # a masked token's ternary neuron gets no input
-        tau = float(h.attrs.get("tau_steps", 2.0))
-        vth = float(h.attrs.get("v_th", 1.0))
-        vr = float(h.attrs.get("v_reset", 0.0))
-        V = st.v.get(h.name + ".v")
-        if V is None:
-            V = np.full_like(vpre, vr)
-        H = V + (vpre - (V - vr)) / tau
-        vs = _fire(H, vth, ternary=True, strict=st.strict)
-        st.v[h.name + ".v"] = np.where(vs != 0, vr, H)
-        if mask is not None:
-            vs = vs * mask
-        for role, arr in (("k", kk), ("v", vs)):
-            if role in h.records:
-                records.setdefault(h.records[role], [None] * 0).append(arr)
-        y = _heads(q, heads) @ (_heads(kk, heads).transpose(0, 1, 3, 2) @ _heads(vs, heads))
-    else:  # pragma: no cover - checked in from_nir
-        raise UnsupportedOpError(f"host op kind {h.kind!r}")
-    y = _unheads(y, ins[0].shape[1:])
+# ------------------------------------------------------------------------- host operations, one per IR node kind
+# f(h, st, mask, *inputs) -> result; inputs (B, ...) arrays; mask: the (n,) schedule of h.tokens at t, or None.
+def _scaled(h, y):
+    """A Product's output times its ``scale`` (1 when absent)."""
+    s = float(h.attrs.get("scale", 1.0))
+    return y if s == 1.0 else y * s
+
+
+def _h_qk(h, st, mask, q, k):
+    H = int(h.attrs["heads"])
+    return _scaled(h, _heads(q, H) @ _heads(k, H).transpose(0, 1, 3, 2))
+
+
+def _h_av(h, st, mask, a, v):
+    y = _unheads(_scaled(h, a @ _heads(v, int(h.attrs["heads"]))), v.shape[1:])
+    return y if mask is None else y * mask
+
+
+def _h_ktv(h, st, mask, k, v):
+    H = int(h.attrs["heads"])
+    return _scaled(h, _heads(k, H).transpose(0, 1, 3, 2) @ _heads(v, H))
+
+
+def _h_qktv(h, st, mask, q, m):
+    y = _unheads(_scaled(h, _heads(q, int(h.attrs["heads"])) @ m), q.shape[1:])
+    return y if mask is None else y * mask
+
+
+def _h_relu(h, st, mask, x):
+    y = np.maximum(x, 0.0)
+    return y if mask is None else y * mask
+
+
+def _h_ternary(h, st, mask, x):
     if mask is not None:
-        y = y * mask
+        x = x * mask  # a masked token's neuron gets no input
+    tau, vth, vr = float(h.attrs["tau"]), float(h.attrs["v_th"]), float(h.attrs["v_reset"])
+    V = st.v.get(h.name)
+    if V is None:
+        V = np.full_like(x, vr)
+    H = V + (x - (V - vr)) / tau
+    s = _fire(H, vth, ternary=True, strict=st.strict)
+    st.v[h.name] = np.where(s != 0, vr, H)
+    return s if mask is None else s * mask
+
+
+# kind -> (inputs, attrs it needs, function). A new host kind (a new IR Product or Neuron kind) is one entry here.
+HOST_KINDS: dict[str, tuple] = {
+    "qk": (2, ("heads",), _h_qk),
+    "av": (2, ("heads",), _h_av),
+    "ktv": (2, ("heads",), _h_ktv),
+    "qktv": (2, ("heads",), _h_qktv),
+    "relu": (1, (), _h_relu),
+    "ternary": (1, ("tau", "v_th", "v_reset"), _h_ternary),
+}
+
+
+def _run_host(h: HostOp, vals: dict, hvals: dict, by_name: dict, st: _State, masks_t: dict, records: dict,
+              record: bool):
+    """h's result at this timestep (its host inputs first, each once per timestep: ``hvals``)."""
+    if h.name in hvals:
+        return hvals[h.name]
+    ins = [_run_host(by_name[p], vals, hvals, by_name, st, masks_t, records, record) if p in by_name else vals[p]
+           for p in h.inputs]
+    y = HOST_KINDS[h.kind][2](h, st, masks_t.get(h.tokens) if h.tokens else None, *ins)
+    hvals[h.name] = y
+    if record and h.layer:
+        records.setdefault(h.layer, []).append(y)
     return y
 
 
@@ -537,7 +635,8 @@ def simulate(graph: Graph, feeds: dict[str, np.ndarray], record: bool = True, st
     T = graph.T
     first = next(iter(feeds.values()))
     B = first.shape[1]
-    host_by_out = {h.output: h for h in graph.host_ops}
+    host_by_out = {h.output: h for h in graph.host_ops if h.output is not None}
+    by_name = {h.name: h for h in graph.host_ops}
     for name, op in graph.ops.items():
         if op.kind == "input" and name not in host_by_out and name not in feeds:
             raise StataError(f"no value fed to input port {name!r} (a host-operation result or a segment input)")
@@ -548,13 +647,12 @@ def simulate(graph: Graph, feeds: dict[str, np.ndarray], record: bool = True, st
     for t in range(T):
         masks_t = {sid: s.schedule[t].astype(np.float64) for sid, s in graph.segments.items()}
         vals: dict[str, np.ndarray] = {}
+        hvals: dict[str, np.ndarray] = {}
         for name, op in graph.ops.items():
             m = masks_t.get(op.tokens) if op.tokens else None
             if op.kind == "input":
                 if name in host_by_out:
-                    h = host_by_out[name]
-                    hm = masks_t.get(h.tokens) if h.tokens else None
-                    y = _run_host(h, vals, st, hm, records, t)
+                    y = _run_host(host_by_out[name], vals, hvals, by_name, st, masks_t, records, record)
                 else:
                     y = np.asarray(feeds[name][t], dtype=np.float64)
             else:
@@ -665,11 +763,10 @@ def execute(graph: Graph, x: np.ndarray, record: bool = True, strict_ties: bool 
             if op.layer and name in recs:
                 spikes[op.layer] = _to_torch_layout(graph, op.layout, op.tokens, np.stack(recs[name]))
         for h in graph.host_ops:
-            for role, layer in h.records.items():
-                if layer in recs:
-                    arr = np.stack(recs[layer])
-                    lay = "grid_tokens" if (arr.ndim == 5 and arr.shape[3] != 1) else "tokens"
-                    spikes[layer] = _to_torch_layout(graph, lay, h.tokens, arr)
+            if h.layer and h.layer in recs:
+                arr = np.stack(recs[h.layer])
+                lay = "grid_tokens" if (arr.ndim == 5 and arr.shape[3] != 1) else "tokens"
+                spikes[h.layer] = _to_torch_layout(graph, lay, h.tokens, arr)
     kept = {}
     B = xs.shape[1]
     for site, sid in graph.sites.items():
@@ -751,9 +848,13 @@ def inspect_graph(graph: Graph) -> dict:
             synapses += n_syn
             syn_role[op.role or "weights"] = syn_role.get(op.role or "weights", 0) + n_syn
     host_neurons = 0
+    by_name = {h.name: h for h in graph.host_ops}
     for h in graph.host_ops:
-        if h.kind == "a2os2a_product":
-            host_neurons += int(np.prod(graph.ops[h.inputs[2]].shape))  # the ternary V neurons
+        if h.kind == "ternary":  # stateful neurons, one per element of its input (elementwise host ops keep shapes)
+            p = h.inputs[0]
+            while p in by_name:
+                p = by_name[p].inputs[0]
+            host_neurons += int(np.prod(graph.ops[p].shape))
     ports_in = [dict(name=o.name, shape=list(o.shape), role=o.role or "image") for o in graph.ops.values()
                 if o.kind == "input"]
     ports_out = [dict(name=o.name, shape=list(o.shape), role=o.role or ("logits" if o.name == graph.logits else None))
@@ -772,7 +873,8 @@ def inspect_graph(graph: Graph) -> dict:
         "synapses_by_role": syn_role,
         "inputs": ports_in,
         "outputs": ports_out,
-        "host_ops": [dict(name=h.name, kind=h.kind, inputs=h.inputs, output=h.output) for h in graph.host_ops],
+        "host_ops": [dict(name=h.name, kind=h.kind, inputs=h.inputs, output=h.output or "host ops only")
+                     for h in graph.host_ops],
         "masks": None if not masks else dict(mode=masks.get("mode"), n_full=masks.get("n_full"), T=masks.get("T"),
                                             segments=segs),
         "not_standard": graph.meta.get("not_standard", []),

@@ -20,6 +20,9 @@ from pathlib import Path
 from .errors import StataError
 
 META_KEY = "stata_deploy"
+# the NIR description's layout (its "format_version"), written by exporters.nir_exporter, read by runtimes.nir_graph:
+# 2: host operations per IR node kind (qk, av, ktv, qktv, relu, ternary); 1: per attention kind (ssa_product, ...)
+NIR_FORMAT_VERSION = 2
 ENCODING = "direct: the image (C, H, W) in [0, 1] is presented at every one of the T timesteps"
 
 

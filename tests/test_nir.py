@@ -157,7 +157,12 @@ def test_sdsa_is_complete_standard_graph_ssa_uses_ports(tmp_path, xcal):
     assert sum(isinstance(n, nir.Input) for n in g.nodes.values()) == 1
     m_ssa, _ = model_for("spikformer-tiny", "none", xcal)
     g, desc = build_graph(m_ssa, None)
-    assert [h["kind"] for h in desc["host_ops"]] == ["ssa_product", "ssa_product"]
+    # one host operation per IR node NIR cannot express, named after it, with the node's own fields
+    assert [(h["name"], h["kind"]) for h in desc["host_ops"]] == [
+        (f"blocks.{i}.attn.{k}", k) for i in range(2) for k in ("qk", "av")]
+    assert desc["host_ops"][1]["attrs"] == {"heads": m_ssa.cfg.heads, "scale": 0.125}
+    assert desc["host_ops"][1]["inputs"] == ["blocks.0.attn.qk", "blocks.0.attn.host.v"]
+    assert desc["host_ops"][1]["output"] == "blocks.0.attn.host.result" and desc["host_ops"][0]["output"] is None
     # the product's result enters through an Input port: a reader ignoring metadata has no value for it
     ins = [k for k, n in g.nodes.items() if isinstance(n, nir.Input)]
     assert sorted(ins) == ["blocks.0.attn.host.result", "blocks.1.attn.host.result", "input"]
@@ -228,7 +233,7 @@ def test_bad_inputs_clear_errors_no_partial_file(tmp_path, xcal):
     with pytest.raises(UnsupportedOpError, match="dynamic top-k"):
         NirExporter().export(model, None, out)
     model.blocks[0].mlp.fc1_lif = torch.nn.GELU()
-    with pytest.raises(UnsupportedOpError, match="GELU at 'blocks.0.mlp.fc1_lif'"):
+    with pytest.raises(UnsupportedOpError, match=r"GELU \(module 'blocks.0.mlp.fc1_lif'\)"):
         NirExporter().export(model, masks, out)
     assert list(tmp_path.iterdir()) == []  # nothing written, no temp file left
     (tmp_path / "junk.nir").write_bytes(b"not hdf5")
@@ -247,7 +252,7 @@ def test_inspect_cli(tmp_path, xcal):
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert d["neurons"] > 0 and d["synapses"] > 0 and d["lossless_rewrite"] is True
-    assert d["nodes"]["lif"] == 19 and len(d["host_ops"]) == 2 and d["masks"]["mode"] == "drop"
+    assert d["nodes"]["lif"] == 19 and len(d["host_ops"]) == 4 and d["masks"]["mode"] == "drop"
     r = CliRunner().invoke(main, ["inspect", str(p)])
     assert r.exit_code == 0 and "a reader that ignores metadata" in r.output and "site 1" in r.output
     r = CliRunner().invoke(main, ["inspect", str(tmp_path / "missing.nir")])
@@ -333,3 +338,63 @@ def test_snntorch_peer_replays_pruned_fixed_schedule_exactly(tmp_path, xcal, xin
     pred = outs.mean(0).reshape(len(xin), -1).argmax(-1)
     assert (pred == ref.predictions).all()
     np.testing.assert_allclose(outs.reshape(ref.logits_t.shape), ref.logits_t, atol=1e-4)
+
+
+def test_a2os2a_host_ops_are_ir_nodes_and_old_files_are_refused(tmp_path, xcal):
+    """A²OS²A: ReLU K and ternary V are host operations of their own (recorded under their module names), then the
+    two products; a format-1 file (one 'a2os2a_product' per attention) is refused with the re-export command."""
+    from stata_deploy.description import META_KEY, NIR_FORMAT_VERSION
+
+    model, _ = model_for("a2os2a-tiny", "none", xcal)
+    g, desc = build_graph(model, None)
+    h = {o["name"]: o for o in desc["host_ops"]}
+    assert [o["kind"] for o in desc["host_ops"]] == ["relu", "ternary", "ktv", "qktv"] * 2
+    v = model.blocks[0].attn.v_lif
+    assert h["blocks.0.attn.v_lif"]["attrs"] == {"tau": float(v.tau), "v_th": float(v.v_th),
+                                                 "v_reset": float(v.v_reset)}
+    assert h["blocks.0.attn.v_lif"]["layer"] == "blocks.0.attn.v_lif" and h["blocks.0.attn.k_lif"]["inputs"] == [
+        "blocks.0.attn.host.k"]
+    assert h["blocks.0.attn.ktv"]["inputs"] == ["blocks.0.attn.k_lif", "blocks.0.attn.v_lif"]
+    assert h["blocks.0.attn.qktv"]["output"] == "blocks.0.attn.host.result"
+    assert desc["format_version"] == NIR_FORMAT_VERSION == 2
+    old = dict(desc, format_version=1, host_ops=[dict(name="blocks.0.attn.product", kind="a2os2a_product",
+                                                       inputs=["blocks.0.attn.host.q", "blocks.0.attn.host.k",
+                                                               "blocks.0.attn.host.v"],
+                                                       output="blocks.0.attn.host.result", attrs={"heads": 2})])
+    g.metadata = {META_KEY: json.dumps(old)}
+    p = tmp_path / "old.nir"
+    nir.write(str(p), g)
+    with pytest.raises(StataError, match=r"older stata-deploy .*re-export it: stata-deploy export RUN --to nir") as e:
+        read_graph(p)
+    assert "\n" not in str(e.value)
+    bad = dict(desc, host_ops=[dict(o, inputs=["blocks.0.attn.nothing"]) if o["kind"] == "relu" else o
+                               for o in desc["host_ops"]])
+    g.metadata = {META_KEY: json.dumps(bad)}
+    nir.write(str(p), g)
+    with pytest.raises(StataError, match="reads 'blocks.0.attn.nothing', which is neither an output port"):
+        read_graph(p)
+
+
+def test_new_product_kind_is_a_host_op_the_reader_names(tmp_path, xcal, monkeypatch):
+    """A Product kind the exporter has no standard lowering for becomes a host operation of that kind (no exporter
+    change); a reader without that kind in its table refuses the file naming it."""
+    import dataclasses
+
+    from exporters.nir_exporter import _describe, lower_ir
+    from stata_deploy import description
+    from stata_deploy.ir import build_ir, nodes
+    from stata_deploy.ir.passes import FoldBatchNorm
+
+    monkeypatch.setitem(nodes.PRODUCT_SHAPES, "qktv2", nodes.PRODUCT_SHAPES["qktv"])
+    model, _ = model_for("a2os2a-tiny", "none", xcal)
+    g = build_ir(model).transform(FoldBatchNorm())
+    g = nodes.Graph(tuple(dataclasses.replace(n, kind="qktv2") if getattr(n, "kind", None) == "qktv" else n
+                          for n in g.nodes), g.inputs, g.blocks)
+    b, _ = lower_ir(g, grid=True)
+    assert [h["kind"] for h in b.host_ops].count("qktv2") == 2
+    desc = _describe(b, model.cfg, None, None, False, False)
+    p = tmp_path / "new.nir"
+    nir.write(str(p), nir.NIRGraph(nodes=b.nodes, edges=b.edges,
+                                   metadata={description.META_KEY: description.encode(desc)}))
+    with pytest.raises(UnsupportedOpError, match="host operation 'blocks.0.attn.qktv' of kind 'qktv2' is unknown"):
+        read_graph(p)
