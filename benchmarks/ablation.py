@@ -24,7 +24,8 @@ STATA's scores are all 0, so the activity tie-break alone decides (``benchmarks/
 ``stata-nograd`` measures that. The recipe is all 60,000 training images x 3 epochs: the unpruned model reaches
 86.3 % (seed 0; 30,000 images x 3 epochs gave 84.2 %, below the 85 % the study needs).
 
-Resumable: every finished run appends one record to the results file (default ``benchmarks/results/ablation.json``,
+Resumable: a run stopped mid-way continues from its newest epoch checkpoint (bitwise the same result); every
+finished run appends one record to the results file (default ``benchmarks/results/ablation.json``,
 committed, so a study can span sessions); a rerun skips every (variant, gamma, seed) whose record has the same recipe.
 Runs are trained in child processes (``--workers`` side by side, ``--threads`` each) into ``--out`` (gitignored).
 The results file is JSON: ``{"format": "stata-deploy-ablation/1", "runs": [record, ...]}``, each record::
@@ -142,13 +143,25 @@ def child(a) -> None:
     method, align, anchor_grad = VARIANTS[variant]
     torch.set_num_threads(a.threads)
     out = run_dir(a, variant, None if method == "none" else gamma, seed)
-    tc = TrainConfig(dataset=a.dataset, model=a.model, out=str(out), epochs=a.epochs, batch_size=a.batch_size,
-                     lr=a.lr, warmup_epochs=a.warmup_epochs, seed=seed, prune=method,
-                     keep=1.0 if method == "none" else gamma, align=align, anchor_grad=anchor_grad,
-                     train_limit=a.train_limit or None,
-                     progress=False, force=True)  # the study's own folder: an unfinished run is redone
-    m = train(tc, log=lambda s: print(s, file=sys.stderr, flush=True))
-    print(json.dumps(m))
+    from stata_deploy.errors import StataError
+    from stata_deploy.train.checkpoint import list_train_checkpoints
+
+    def config(resume: bool):
+        return TrainConfig(dataset=a.dataset, model=a.model, out=str(out), epochs=a.epochs, batch_size=a.batch_size,
+                           lr=a.lr, warmup_epochs=a.warmup_epochs, seed=seed, prune=method,
+                           keep=1.0 if method == "none" else gamma, align=align, anchor_grad=anchor_grad,
+                           train_limit=a.train_limit or None, progress=False, resume=resume, force=not resume)
+
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    # an unfinished run of this recipe (a study stopped mid-run) continues from its newest epoch checkpoint
+    # (bitwise the same result as uninterrupted); anything else in the study's own folder is redone
+    if out.is_dir() and list_train_checkpoints(out):
+        try:
+            print(json.dumps(train(config(True), log=log)))
+            return
+        except StataError as e:
+            log(f"[resume refused: {e}; training from scratch]")
+    print(json.dumps(train(config(False), log=log)))
 
 
 def _child_cmd(a, variant, gamma, seed) -> list[str]:
