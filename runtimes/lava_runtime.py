@@ -342,7 +342,7 @@ class _Builder:
 
     def input(self, shape) -> _Node:
         self.input_shape = tuple(shape)
-        return _Node("input", tuple(shape), 0, 0.0)
+        return _Node("input", tuple(shape), 0, INPUT_GRID if self.precision == "fixed" else 0.0)
 
     def delay(self, x: _Node, lag: int) -> _Node:
         """x delayed to ``lag`` (>= x.lag)."""
@@ -361,20 +361,21 @@ class _Builder:
         bias = None if bias is None else np.asarray(bias, dtype=np.float64)
         if bias is not None and not bias.any():
             bias = None
-        grid = 0.0
-        if self.precision == "fixed":
-            weight, bias, grid = self._quantise(weight, bias, label)
+        grid, extra = 0.0, {}
+        if self.precision == "fixed":  # weights stay real here: the spec quantises them (Lava's layers or ours)
+            extra["wgrid"] = _pow2_grid(weight)
+            grid = extra["wgrid"] * min(1.0, x.grid or 1.0)  # the output's value grid (input on grid x.grid)
         return self._add("Synapse", label, [x], ["s_in"], out_shape, x.lag + 1, grid,
                          in_shape=(self.B, *x.shape), out_shape=(self.B, *out_shape), weight=weight, bias=bias,
-                         mode=mode, mask=mask, T=self.T, lag=x.lag + 1)
+                         mode=mode, mask=mask, T=self.T, lag=x.lag + 1, **extra)
 
     def _quantise(self, w, b, label):
-        """Loihi-like: 8-bit signed weight mantissas with one power-of-two exponent per layer; bias on the same
-        grid (13-bit mantissa, clipped)."""
-        wmax = float(abs(w).max()) if (w.nnz if sp.issparse(w) else w.size) else 0.0
-        if wmax == 0.0:
+        """Our Synapse in fixed point (Loihi-like): 8-bit signed weight mantissas with one power-of-two exponent
+        per layer (``_pow2_grid``, rounded to nearest); the bias as a 13-bit mantissa on that grid shifted by the
+        smallest exponent in [0, 7] that holds it (clipped beyond)."""
+        grid = _pow2_grid(w)
+        if grid == 1.0 and not (w.nnz if sp.issparse(w) else np.asarray(w).any()):
             return w, b, 1.0
-        grid = 2.0 ** math.ceil(math.log2(wmax / 127.0))
         if sp.issparse(w):
             wq = w.copy()
             wq.data = np.clip(np.round(w.data / grid), -127, 127) * grid
@@ -382,9 +383,13 @@ class _Builder:
         else:
             wq = np.clip(np.round(w / grid), -127, 127) * grid
             err = float(abs(wq - w).max())
-        bq = None if b is None else np.clip(np.round(b / grid), -4095, 4095) * grid
-        self.quant.append({"layer": label, "weight_bits": 8, "exponent": int(math.log2(grid)),
-                           "max_weight_error": err,
+        bexp = 0  # as Loihi's bias: a 13-bit mantissa << the smallest exponent in [0, 7] that holds it
+        while b is not None and bexp < 7 and np.abs(np.round(b / (grid * 2 ** bexp))).max(initial=0) > 4095:
+            bexp += 1
+        bg = grid * 2 ** bexp
+        bq = None if b is None else np.clip(np.round(b / bg), -4096, 4095) * bg
+        self.quant.append({"layer": label, "process": "ours", "weight_bits": 8, "exponent": int(math.log2(grid)),
+                           "bias_exp": bexp, "max_weight_error": err,
                            "max_bias_error": 0.0 if b is None else float(abs(bq - b).max())})
         return wq, bq, grid
 
@@ -422,10 +427,111 @@ class _Builder:
 
     def spec(self, buffer: int, fuse: bool = True, lava_procs: bool = True) -> dict:
         """The worker's spec. fuse: Synapse -> Neuron pairs become one process; lava_procs: standard pairs (see
-        ``_lava_pair``) become Lava's own ``Sparse`` + ``LIFReset`` (float precision only)."""
-        procs = self._fused(lava_procs and self.precision == "float") if fuse else self.procs
+        ``_lava_pair``) become Lava's own ``Sparse`` + ``LIFReset``. Fixed precision: then ``_fixed_point``
+        (Lava's bit-accurate models, integer ports, ``self.quant``)."""
+        procs = self._fused(lava_procs) if fuse else self.procs
+        fixed = self.precision == "fixed"
+        grids = {}
+        if fixed:
+            procs, grids = self._fixed_point(procs)
         return dict(T=self.T, batch=self.B, input_shape=self.input_shape, procs=procs, records=self.records,
-                    buffer=buffer)
+                    buffer=buffer, select_tag="fixed_pt" if fixed else "floating_pt",
+                    record_grids={k: grids[src] for k, (src, _, _) in self.records.items()} if fixed else {})
+
+    def _fixed_point(self, procs: list[dict]) -> tuple[list[dict], dict]:
+        """Fixed point (``Loihi2SimCfg(select_tag="fixed_pt")``): every tensor between processes is an integer
+        array in units of its grid (``grids``: proc name -> the value of one unit; spikes 1). Returns new procs
+        and the grids; fills ``self.quant`` (one entry per quantised layer).
+
+        Boundaries (the scaling at each):
+        - image -> network: our ``Op1`` ``quantise`` sends round(x / INPUT_GRID) (8-bit pixels: x * 256);
+        - Lava ``Sparse`` -> ``LIFReset`` (a standard layer, one or two Sparse into one LIF): ``loihi_layer``
+          quantises weights, bias, threshold and decays once for the layer; the Sparse take the integers of their
+          inputs' grids as graded spikes (24-bit messages);
+        - a lone Lava ``Sparse`` (token selection / placement, delay chains): integral weights, passed as they are
+          (mixed-sign ones doubled with weight_exp -1, since Loihi drops their LSB): output grid = input grid;
+        - our ``Op2`` -> Lava ``LIFReset`` (a product or a sum into a LIF): ``loihi_lif_for_grid`` picks the LIF's
+          input quantum q; the Op2 sends round(y * r / (tau q)) (exact when y lies on its grid);
+        - Lava ``LIFReset`` -> anything: spikes 0 / 1 (grid 1);
+        - ours -> ours: integers in units of the producer's grid; ours compute on ``int * grid`` (our Synapse's
+          weights on a power-of-two grid, ``_quantise``) and send ``rint(y / out_grid)``;
+        - recorded layers: the worker multiplies the integers by their grid (``record_grids``).
+        """
+        self.quant = []
+        consumers: dict[str, list] = {}
+        for p in procs:
+            for i in p["inputs"]:
+                consumers.setdefault(i, []).append(p)
+        recorded = {src for src, _, _ in self.records.values()}
+        shape = (self.B, *self.input_shape)
+        qin = dict(cls="Op1", name="000_input_quantise", inputs=["input"], in_ports=["in0"],
+                   kwargs=dict(kind="quantise", in_shape=shape, out_shape=shape, params={}, T=self.T, lag=0,
+                               mask=None, in_grids=[1.0], out_grid=INPUT_GRID))
+        grids = {qin["name"]: INPUT_GRID}
+        out, pending, planned = [qin], {}, {}
+        for p in procs:
+            p = {**p, "inputs": [qin["name"] if i == "input" else i for i in p["inputs"]], "kwargs": dict(p["kwargs"])}
+            gin = [grids[i] for i in p["inputs"] if i in grids]
+            cls, k, name = p["cls"], p["kwargs"], p["name"]
+            users = consumers.get(name, [])
+            if cls == "lava:Sparse":
+                if len(users) == 1 and users[0]["cls"] == "lava:LIFReset" and name not in recorded:
+                    pending[name] = (p, gin[0])  # quantised with its LIF (below)
+                    continue
+                p, grids[name] = _fixed_lone_sparse(p, gin[0]), gin[0]
+            elif cls == "lava:LIFReset":
+                syns = [pending.pop(i) for i in p["inputs"] if i in pending]
+                if syns:
+                    if len(syns) != len(p["inputs"]):
+                        raise AssertionError(f"{name}: a LIF fed by a Lava Sparse and something else")
+                    ks, entry = loihi_layer([s["kwargs"]["weights"] for s, _ in syns], [g for _, g in syns],
+                                            k["bias_mant"], k["vth"], 1.0 / k["dv"])
+                    for (s, _), sk in zip(syns, ks["sparse"]):
+                        out.append({**s, "kwargs": {**s["kwargs"], **sk}})
+                    k.update(ks["lif"])
+                else:
+                    k.update(planned.pop(name))  # from the Op2 that feeds it
+                    entry = None
+                if entry is not None:
+                    self.quant.append({"layer": name.split("_", 1)[1], **entry})
+                grids[name] = 1.0
+            else:
+                k["in_grids"] = gin
+                k["out_grid"] = grids[name] = self._our_fixed(p, gin, users, planned)
+            out.append(p)
+        if pending:
+            raise AssertionError(f"Lava Sparse without its LIF: {sorted(pending)}")
+        return out, grids
+
+    def _our_fixed(self, p: dict, gin: list[float], users: list[dict], planned: dict) -> float:
+        """One of our processes in fixed point: quantise its weights (``_quantise``) and return its output grid;
+        an Op2 feeding one Lava LIF gets the LIF's input quantum (``loihi_lif_for_grid``; ``planned`` receives the
+        LIF's integer parameters)."""
+        cls, k = p["cls"], p["kwargs"]
+        if cls in ("Synapse", "SynapseNeuron"):
+            syn = dict(k["syn"]) if cls == "SynapseNeuron" else k
+            syn["weight"], syn["bias"], wgrid = self._quantise(syn["weight"], syn["bias"], p["name"].split("_", 1)[1])
+            g = wgrid * min(1.0, gin[0])
+            if cls == "Synapse":
+                return g
+            k["syn"] = syn
+            return g if k["neu"].get("kind", "lif") == "relu" else 1.0
+        if cls == "Neuron":
+            return gin[0] if k.get("kind", "lif") == "relu" else 1.0
+        if cls == "Op2":
+            if k["kind"] == "matmul":
+                g = gin[0] * gin[1] * abs(float(k["params"].get("scale", 1.0)))
+            else:
+                g = min(gin)
+            if len(users) == 1 and users[0]["cls"] == "lava:LIFReset":
+                lif = users[0]["kwargs"]
+                c = float(k.get("out_scale", 1.0))
+                planned[users[0]["name"]], entry = loihi_lif_for_grid(g, c, lif["vth"], 1.0 / lif["dv"])
+                self.quant.append({"layer": users[0]["name"].split("_", 1)[1], **entry})
+                k["out_scale"] = 1.0
+                return entry["q"] / c  # the LIF's a_in in units of y
+            return g
+        return gin[0]  # Op1 (reshape / mask), Delay
 
     def process_kinds(self, **spec_kw) -> dict[str, int]:
         """Counts of the built network's processes by kind: ``lava.proc.<module>.<Class>`` for Lava's own
@@ -486,7 +592,8 @@ class _Builder:
                                     block_diag=int(k["shape"][0]), kwargs=dict(weights=eye, num_message_bits=24)))
                     src = name
                 continue
-            if p["cls"] == "Synapse" and k.get("bias") is None and _unmasked(k.get("mask")):
+            if p["cls"] == "Synapse" and k.get("bias") is None and _unmasked(k.get("mask")) \
+                    and (self.precision == "float" or _integral(k["weight"])):  # fixed: see _fixed_lone_sparse
                 p = _lava_sparse(p["name"], p["inputs"], k)
             elif p["cls"] == "Neuron":
                 src = by_name.get(p["inputs"][0])
@@ -561,6 +668,128 @@ def _unmasked(m) -> bool:
     return m is None or bool(np.asarray(m).all())
 
 
+# ------------------------------------------------------------------ fixed point: Loihi's integer parameters
+INPUT_GRID = 2.0 ** -8  # fixed point: the image enters as integers round(x * 256) (graded spikes into the stem)
+VTH_TARGET = 2 ** 11  # the threshold mantissa each layer aims at (Loihi allows 17 bits)
+WEIGHT_EXP_RANGE = (-8, 7)  # Loihi's weight exponent
+DECAY_UNITY = 4096  # decays du / dv are in units of 1/4096 (12 bits)
+
+
+def _pow2_grid(w) -> float:
+    """Our Synapse's weight grid: the power of two that puts the largest |weight| in an 8-bit signed mantissa
+    (|m| <= 127); 1.0 for an all-zero matrix."""
+    wmax = float(abs(w).max()) if (w.nnz if sp.issparse(w) else np.size(w)) else 0.0
+    return 2.0 ** math.ceil(math.log2(wmax / 127.0)) if wmax > 0 else 1.0
+
+
+def _integral(w) -> bool:
+    """Integer weights a Lava Sparse holds as they are (token selections / placements, identity delays)."""
+    d = w.data if sp.issparse(w) else np.asarray(w)
+    return bool(np.all(d == np.rint(d)) and (np.abs(d).max(initial=0) <= 127))
+
+
+def _sign_mode(d: np.ndarray) -> tuple[str, int, int]:
+    """Loihi's sign mode of a weight matrix (as ``lava.utils.weightutils.determine_sign_mode``) with the step and
+    the largest mantissa of its 8-bit integer weights: mixed signs are stored as even integers in [-256, 254]
+    (Lava's ``truncate_weights`` drops their LSB), one-signed ones as integers up to 255 in magnitude."""
+    if (d < 0).any() and (d > 0).any():
+        return "mixed", 2, 127
+    return ("inhibitory" if (d < 0).any() else "excitatory"), 1, 255
+
+
+def _fixed_lone_sparse(p: dict, in_grid: float) -> dict:
+    """A Lava Sparse that feeds no LIF (token selection / placement, a delay step) in fixed point: its integral
+    weights as int32 (mixed-sign ones doubled and weight_exp -1: Loihi stores mixed-sign weights as even
+    integers); the output is in its input's units (``in_grid``)."""
+    W = p["kwargs"]["weights"].tocsr()
+    mode, step, _ = _sign_mode(W.data)
+    Wi = W.copy()
+    Wi.data = (np.rint(W.data) * step).astype(np.int32)
+    return {**p, "kwargs": {**p["kwargs"], "weights": Wi, "weight_exp": -1 if step == 2 else 0,
+                            "num_weight_bits": 8}}
+
+
+def loihi_lif_params(q: float, bias, v_thr: float, tau: float) -> tuple[dict, dict]:
+    """LIFReset's integer parameters (``PyLifResetModelBitAcc``) for a layer whose ``a_in`` unit is worth ``q``
+    membrane units (so v = V * 64 / q: Lava shifts a_in left by 6 bits):
+
+    - du = 4095 (+ Lava's ds_offset 1 = 4096: the current u forgets each step, u = a_in << 6);
+    - dv = round(4096 / tau) to the nearest integer, at most 4095 (12 bits; tau = 1 then keeps trunc(v / 4096));
+      Lava decays v by (v * (4096 - dv)) >> 12 on |v|, i.e. the decayed state is truncated toward zero;
+    - vth = floor(v_threshold / q), Lava fires at v > vth << 6: V > vth q, which for a membrane on the q grid is
+      exactly NIR's V > v_threshold (torch's H >= V_th); off the grid (after a decay) the threshold sits up to one
+      q below;
+    - bias: b * 64 / q in v units as a 13-bit mantissa and the smallest exponent in [0, 7] that holds it
+      (bias_mant << bias_exp; rounded to nearest, clipped if even exponent 7 cannot hold it).
+    Returns (kwargs, report)."""
+    if not 0.0 < tau:
+        raise StataError(f"fixed point: tau {tau} is not positive")
+    vth = int(math.floor(v_thr / q))
+    if not 0 <= vth < 2 ** 17:
+        raise StataError(f"fixed point: threshold mantissa {vth} does not fit Loihi's 17 bits (v_threshold {v_thr}, "
+                         f"input quantum {q:.3g})")
+    b = np.asarray(0.0 if bias is None else bias, dtype=np.float64) * 64.0 / q
+    bexp = 0
+    while bexp < 7 and np.abs(np.rint(b / 2.0 ** bexp)).max(initial=0) > 4095:
+        bexp += 1
+    bm = np.clip(np.rint(b / 2.0 ** bexp), -4096, 4095)
+    kw = dict(du=DECAY_UNITY - 1, dv=int(min(DECAY_UNITY - 1, max(0, round(DECAY_UNITY / tau)))), vth=vth,
+              bias_mant=bm.astype(np.int32) if bm.ndim else int(bm), bias_exp=bexp)
+    rep = dict(q=q, vth=vth, dv=kw["dv"], du=kw["du"], bias_exp=bexp, threshold_error=v_thr - vth * q,
+               max_bias_error=float(np.abs(bm * 2.0 ** bexp - b).max(initial=0)) * q / 64.0)
+    return kw, rep
+
+
+def loihi_layer(weights: list, in_grids: list[float], bias, v_thr: float, tau: float) -> tuple[dict, dict]:
+    """Quantise one standard layer, Lava ``Sparse`` (one, or two carrying the same matrix into one LIF) ->
+    ``LIFReset``, ONCE, for Lava's bit-accurate models (``PySparseModelBitAcc``, ``PyLifResetModelBitAcc``).
+
+    weights: the float matrices the float spec gives Lava (membrane increment per unit input: r / tau folded in);
+    in_grids: the value of one integer unit of each Sparse's input (spikes 1, the image INPUT_GRID); bias: the
+    LIF's float bias_mant (r / tau folded in); v_thr: NIR's v_threshold (fires at v > v_threshold); tau: 1 / dv.
+
+    - 8-bit mantissas filled by the largest |weight|: scale g = max|w| / (step * m_max) (``_sign_mode``: mixed
+      signs step 2, m_max 127; one sign step 1, m_max 255); W_int = step * round(w / (step g)) (nearest);
+    - weight exponent e = floor(log2(VTH_TARGET * g * in_grid / v_thr)) in [-8, 7]: the largest that keeps the
+      threshold mantissa at most ~2^11 (headroom: |V| < 64 V_th in the 24-bit state, a step's input < 64 V_th in
+      the 17 bits a_in may use before Lava's << 6); a_in = (W_int . s) << e (>> for e < 0, flooring);
+    - so one a_in unit is q = g * in_grid / 2^e membrane units; threshold, bias and decays from q
+      (``loihi_lif_params``). Two Sparse of different input grids get exponents that give them the same q.
+    Returns ({"sparse": [kwargs per Sparse], "lif": LIF kwargs}, report)."""
+    d = np.concatenate([w.data for w in weights])
+    mode, step, mmax = _sign_mode(d)
+    wmax = float(np.abs(d).max(initial=0))
+    g = wmax / (step * mmax) if wmax > 0 else 1.0
+    q0 = g * in_grids[0]
+    e = int(np.clip(math.floor(math.log2(VTH_TARGET * q0 / v_thr)), *WEIGHT_EXP_RANGE)) if v_thr > 0 else 0
+    q = q0 / 2.0 ** e
+    sparse, err = [], 0.0
+    for w, gi in zip(weights, in_grids):
+        ei = math.log2(g * gi / q)
+        if abs(ei - round(ei)) > 1e-9:
+            raise AssertionError(f"fixed point: input grids {in_grids} of one LIF differ by a non-power of two")
+        wi = w.tocsr().copy()
+        wi.data = (step * np.rint(w.data / (step * g))).astype(np.int32)
+        err = max(err, float(np.abs(wi.data * g - w.data).max(initial=0)))
+        sparse.append(dict(weights=wi, weight_exp=int(round(ei)), num_weight_bits=8))
+    lif, rep = loihi_lif_params(q, bias, v_thr, tau)
+    return {"sparse": sparse, "lif": lif}, dict(process="lava", sign_mode=mode, weight_bits=8, weight_scale=g,
+                                                weight_exp=sparse[0]["weight_exp"], max_weight_error=err,
+                                                rel_weight_error=err / wmax if wmax else 0.0, **rep)
+
+
+def loihi_lif_for_grid(g_y: float, c: float, v_thr: float, tau: float) -> tuple[dict, dict]:
+    """A Lava ``LIFReset`` fed by one of our Op2 (an attention product or a sum) whose output lies on the grid
+    ``g_y`` and enters the membrane times c = r / tau: the input quantum q = g_y c / 2^j with the largest integer j
+    that keeps the threshold mantissa at most ~VTH_TARGET, so the Op2 sends the exact integers (y / g_y) * 2^j
+    (j >= 0; rounded for j < 0). Returns (LIF kwargs, report)."""
+    q0 = g_y * c
+    j = math.floor(math.log2(VTH_TARGET * q0 / v_thr)) if v_thr > 0 else 0
+    q = q0 / 2.0 ** j
+    lif, rep = loihi_lif_params(q, None, v_thr, tau)
+    return lif, dict(process="lava (fed by ours)", input_shift=j, **rep)
+
+
 def _lava_sparse(name: str, inputs, k: dict, c: float = 1.0) -> dict:
     """Lava's ``Sparse`` for a Synapse's weight (times c) on the flattened batch: block-diagonal kron(I_B, W),
     sample-major. The spec holds the per-sample W and ``block_diag`` = B; the worker builds the kron (a spec B
@@ -575,7 +804,7 @@ def _lava_sparse(name: str, inputs, k: dict, c: float = 1.0) -> dict:
 def _lava_lif(name, inputs, neu: dict, bias, T: int, lag: int) -> dict | None:
     """Our LIF Neuron as Lava's ``LIFReset`` (its input must come scaled by the returned ``scale`` = r/tau), or
     None when Lava's LIF cannot express it (see ``_lava_pair``)."""
-    if neu.get("kind", "lif") != "lif" or neu.get("dtype", "float64") != "float64" or neu.get("grid", 0.0):
+    if neu.get("kind", "lif") != "lif" or neu.get("dtype", "float64") != "float64":
         return None
     if not _unmasked(neu.get("mask")):
         return None
