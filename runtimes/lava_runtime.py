@@ -89,6 +89,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from stata_deploy import loihi_fixed
 from stata_deploy.errors import DataError, StataError, UnsupportedOpError
 from stata_deploy.nn.neurons import TAU, V_RESET, V_TH
 from stata_deploy.results import RunResult
@@ -342,7 +343,7 @@ class _Builder:
 
     def input(self, shape) -> _Node:
         self.input_shape = tuple(shape)
-        return _Node("input", tuple(shape), 0, INPUT_GRID if self.precision == "fixed" else 0.0)
+        return _Node("input", tuple(shape), 0, 2.0 ** -loihi_fixed.INPUT_BITS if self.precision == "fixed" else 0.0)
 
     def delay(self, x: _Node, lag: int) -> _Node:
         """x delayed to ``lag`` (>= x.lag)."""
@@ -444,7 +445,8 @@ class _Builder:
         and the grids; fills ``self.quant`` (one entry per quantised layer).
 
         Boundaries (the scaling at each):
-        - image -> network: our ``Op1`` ``quantise`` sends round(x / INPUT_GRID) (8-bit pixels: x * 256);
+        - image -> network: our ``Op1`` ``quantise`` sends round(x * 2^k), the pixel grid 2^-k (k <= 8) chosen by
+          the first layer (``loihi_fixed.layer_scale``: the finest that needs no weight exponent);
         - Lava ``Sparse`` -> ``LIFReset`` (a standard layer, one or two Sparse into one LIF): ``loihi_layer``
           quantises weights, bias, threshold and decays once for the layer; the Sparse take the integers of their
           inputs' grids as graded spikes (24-bit messages);
@@ -466,19 +468,28 @@ class _Builder:
         shape = (self.B, *self.input_shape)
         qin = dict(cls="Op1", name="000_input_quantise", inputs=["input"], in_ports=["in0"],
                    kwargs=dict(kind="quantise", in_shape=shape, out_shape=shape, params={}, T=self.T, lag=0,
-                               mask=None, in_grids=[1.0], out_grid=INPUT_GRID))
-        grids = {qin["name"]: INPUT_GRID}
+                               mask=None, in_grids=[1.0], out_grid=None))
+        grids = {qin["name"]: None}  # the pixel grid: chosen by the first layer that reads the image
+
+        def pixel_grid(g):
+            if grids[qin["name"]] is None:
+                grids[qin["name"]] = qin["kwargs"]["out_grid"] = g
+            return grids[qin["name"]]
+
         out, pending, planned = [qin], {}, {}
         for p in procs:
             p = {**p, "inputs": [qin["name"] if i == "input" else i for i in p["inputs"]], "kwargs": dict(p["kwargs"])}
-            gin = [grids[i] for i in p["inputs"] if i in grids]
+            gin = [grids.get(i) for i in p["inputs"]]  # (a LIF's Sparse inputs are pending: no grid)
+            if not p["cls"].startswith("lava:") and None in gin:  # ours read the image first: 8-bit pixels
+                gin = [pixel_grid(2.0 ** -loihi_fixed.INPUT_BITS) if g is None else g for g in gin]
             cls, k, name = p["cls"], p["kwargs"], p["name"]
             users = consumers.get(name, [])
             if cls == "lava:Sparse":
                 if len(users) == 1 and users[0]["cls"] == "lava:LIFReset" and name not in recorded:
                     pending[name] = (p, gin[0])  # quantised with its LIF (below)
                     continue
-                p, grids[name] = _fixed_lone_sparse(p, gin[0]), gin[0]
+                g0 = pixel_grid(2.0 ** -loihi_fixed.INPUT_BITS) if gin[0] is None else gin[0]
+                p, grids[name] = _fixed_lone_sparse(p, g0), g0
             elif cls == "lava:LIFReset":
                 syns = [pending.pop(i) for i in p["inputs"] if i in pending]
                 if syns:
@@ -486,6 +497,8 @@ class _Builder:
                         raise AssertionError(f"{name}: a LIF fed by a Lava Sparse and something else")
                     ks, entry = loihi_layer([s["kwargs"]["weights"] for s, _ in syns], [g for _, g in syns],
                                             k["bias_mant"], k["vth"], 1.0 / k["dv"])
+                    if syns[0][1] is None:
+                        pixel_grid(ks["in_grid"])
                     for (s, _), sk in zip(syns, ks["sparse"]):
                         out.append({**s, "kwargs": {**s["kwargs"], **sk}})
                     k.update(ks["lif"])
@@ -669,10 +682,7 @@ def _unmasked(m) -> bool:
 
 
 # ------------------------------------------------------------------ fixed point: Loihi's integer parameters
-INPUT_GRID = 2.0 ** -8  # fixed point: the image enters as integers round(x * 256) (graded spikes into the stem)
-VTH_TARGET = 2 ** 11  # the threshold mantissa each layer aims at (Loihi allows 17 bits)
-WEIGHT_EXP_RANGE = (-8, 7)  # Loihi's weight exponent
-DECAY_UNITY = 4096  # decays du / dv are in units of 1/4096 (12 bits)
+VTH_TARGET = 2 ** 11  # a LIF fed by our Op2: the threshold mantissa its input shift aims at (headroom 64 V_th)
 
 
 def _pow2_grid(w) -> float:
@@ -688,105 +698,62 @@ def _integral(w) -> bool:
     return bool(np.all(d == np.rint(d)) and (np.abs(d).max(initial=0) <= 127))
 
 
-def _sign_mode(d: np.ndarray) -> tuple[str, int, int]:
-    """Loihi's sign mode of a weight matrix (as ``lava.utils.weightutils.determine_sign_mode``) with the step and
-    the largest mantissa of its 8-bit integer weights: mixed signs are stored as even integers in [-256, 254]
-    (Lava's ``truncate_weights`` drops their LSB), one-signed ones as integers up to 255 in magnitude."""
-    if (d < 0).any() and (d > 0).any():
-        return "mixed", 2, 127
-    return ("inhibitory" if (d < 0).any() else "excitatory"), 1, 255
-
-
 def _fixed_lone_sparse(p: dict, in_grid: float) -> dict:
     """A Lava Sparse that feeds no LIF (token selection / placement, a delay step) in fixed point: its integral
     weights as int32 (mixed-sign ones doubled and weight_exp -1: Loihi stores mixed-sign weights as even
     integers); the output is in its input's units (``in_grid``)."""
     W = p["kwargs"]["weights"].tocsr()
-    mode, step, _ = _sign_mode(W.data)
+    _, step, _ = loihi_fixed.sign_mode(W.data)
     Wi = W.copy()
     Wi.data = (np.rint(W.data) * step).astype(np.int32)
     return {**p, "kwargs": {**p["kwargs"], "weights": Wi, "weight_exp": -1 if step == 2 else 0,
                             "num_weight_bits": 8}}
 
 
-def loihi_lif_params(q: float, bias, v_thr: float, tau: float) -> tuple[dict, dict]:
-    """LIFReset's integer parameters (``PyLifResetModelBitAcc``) for a layer whose ``a_in`` unit is worth ``q``
-    membrane units (so v = V * 64 / q: Lava shifts a_in left by 6 bits):
-
-    - du = 4095 (+ Lava's ds_offset 1 = 4096: the current u forgets each step, u = a_in << 6);
-    - dv = round(4096 / tau) to the nearest integer, at most 4095 (12 bits; tau = 1 then keeps trunc(v / 4096));
-      Lava decays v by (v * (4096 - dv)) >> 12 on |v|, i.e. the decayed state is truncated toward zero;
-    - vth = floor(v_threshold / q), Lava fires at v > vth << 6: V > vth q, which for a membrane on the q grid is
-      exactly NIR's V > v_threshold (torch's H >= V_th); off the grid (after a decay) the threshold sits up to one
-      q below;
-    - bias: b * 64 / q in v units as a 13-bit mantissa and the smallest exponent in [0, 7] that holds it
-      (bias_mant << bias_exp; rounded to nearest, clipped if even exponent 7 cannot hold it).
-    Returns (kwargs, report)."""
-    if not 0.0 < tau:
-        raise StataError(f"fixed point: tau {tau} is not positive")
-    vth = int(math.floor(v_thr / q))
-    if not 0 <= vth < 2 ** 17:
-        raise StataError(f"fixed point: threshold mantissa {vth} does not fit Loihi's 17 bits (v_threshold {v_thr}, "
-                         f"input quantum {q:.3g})")
-    b = np.asarray(0.0 if bias is None else bias, dtype=np.float64) * 64.0 / q
-    bexp = 0
-    while bexp < 7 and np.abs(np.rint(b / 2.0 ** bexp)).max(initial=0) > 4095:
-        bexp += 1
-    bm = np.clip(np.rint(b / 2.0 ** bexp), -4096, 4095)
-    kw = dict(du=DECAY_UNITY - 1, dv=int(min(DECAY_UNITY - 1, max(0, round(DECAY_UNITY / tau)))), vth=vth,
-              bias_mant=bm.astype(np.int32) if bm.ndim else int(bm), bias_exp=bexp)
-    rep = dict(q=q, vth=vth, dv=kw["dv"], du=kw["du"], bias_exp=bexp, threshold_error=v_thr - vth * q,
-               max_bias_error=float(np.abs(bm * 2.0 ** bexp - b).max(initial=0)) * q / 64.0)
-    return kw, rep
+def _lif_params(q, bias, v_thr, tau):
+    try:
+        return loihi_fixed.lif_params(q, bias, v_thr, tau)
+    except ValueError as e:
+        raise StataError(str(e)) from None
 
 
-def loihi_layer(weights: list, in_grids: list[float], bias, v_thr: float, tau: float) -> tuple[dict, dict]:
+def loihi_layer(weights: list, in_grids: list, bias, v_thr: float, tau: float) -> tuple[dict, dict]:
     """Quantise one standard layer, Lava ``Sparse`` (one, or two carrying the same matrix into one LIF) ->
-    ``LIFReset``, ONCE, for Lava's bit-accurate models (``PySparseModelBitAcc``, ``PyLifResetModelBitAcc``).
+    ``LIFReset``, ONCE, for Lava's bit-accurate models (``PySparseModelBitAcc``, ``PyLifResetModelBitAcc``), by
+    ``stata_deploy.loihi_fixed`` (the rules; the netx exporter uses the same).
 
-    weights: the float matrices the float spec gives Lava (membrane increment per unit input: r / tau folded in);
-    in_grids: the value of one integer unit of each Sparse's input (spikes 1, the image INPUT_GRID); bias: the
-    LIF's float bias_mant (r / tau folded in); v_thr: NIR's v_threshold (fires at v > v_threshold); tau: 1 / dv.
-
-    - 8-bit mantissas filled by the largest |weight|: scale g = max|w| / (step * m_max) (``_sign_mode``: mixed
-      signs step 2, m_max 127; one sign step 1, m_max 255); W_int = step * round(w / (step g)) (nearest);
-    - weight exponent e = floor(log2(VTH_TARGET * g * in_grid / v_thr)) in [-8, 7]: the largest that keeps the
-      threshold mantissa at most ~2^11 (headroom: |V| < 64 V_th in the 24-bit state, a step's input < 64 V_th in
-      the 17 bits a_in may use before Lava's << 6); a_in = (W_int . s) << e (>> for e < 0, flooring);
-    - so one a_in unit is q = g * in_grid / 2^e membrane units; threshold, bias and decays from q
-      (``loihi_lif_params``). Two Sparse of different input grids get exponents that give them the same q.
-    Returns ({"sparse": [kwargs per Sparse], "lif": LIF kwargs}, report)."""
-    d = np.concatenate([w.data for w in weights])
-    mode, step, mmax = _sign_mode(d)
-    wmax = float(np.abs(d).max(initial=0))
-    g = wmax / (step * mmax) if wmax > 0 else 1.0
-    q0 = g * in_grids[0]
-    e = int(np.clip(math.floor(math.log2(VTH_TARGET * q0 / v_thr)), *WEIGHT_EXP_RANGE)) if v_thr > 0 else 0
-    q = q0 / 2.0 ** e
+    weights: the float csr matrices of the float spec (r / tau folded in); in_grids: the value of one integer unit
+    of each Sparse's input (spikes 1; None: the image, whose grid the layer chooses); bias: the LIF's float
+    bias_mant (r / tau folded in); v_thr: NIR's v_threshold; tau: 1 / the float dv. Two Sparse of different input
+    grids get exponents that give them the same input quantum q.
+    Returns ({"sparse": [kwargs per Sparse], "lif": LIF kwargs, "in_grid": the first input's grid}, report)."""
+    sc = loihi_fixed.layer_scale(np.concatenate([w.data for w in weights]), v_thr, in_grids[0])
+    grids = [sc["in_grid"]] + list(in_grids[1:])
     sparse, err = [], 0.0
-    for w, gi in zip(weights, in_grids):
-        ei = math.log2(g * gi / q)
+    for w, gi in zip(weights, grids):
+        ei = math.log2(sc["g"] * gi / sc["q"])
         if abs(ei - round(ei)) > 1e-9:
             raise AssertionError(f"fixed point: input grids {in_grids} of one LIF differ by a non-power of two")
         wi = w.tocsr().copy()
-        wi.data = (step * np.rint(w.data / (step * g))).astype(np.int32)
-        err = max(err, float(np.abs(wi.data * g - w.data).max(initial=0)))
+        wi.data = loihi_fixed.quantise_weights(w.data, sc)
+        err = max(err, float(np.abs(wi.data * sc["g"] - w.data).max(initial=0)))
         sparse.append(dict(weights=wi, weight_exp=int(round(ei)), num_weight_bits=8))
-    lif, rep = loihi_lif_params(q, bias, v_thr, tau)
-    return {"sparse": sparse, "lif": lif}, dict(process="lava", sign_mode=mode, weight_bits=8, weight_scale=g,
-                                                weight_exp=sparse[0]["weight_exp"], max_weight_error=err,
-                                                rel_weight_error=err / wmax if wmax else 0.0, **rep)
+    lif, rep = _lif_params(sc["q"], bias, v_thr, tau)
+    return ({"sparse": sparse, "lif": lif, "in_grid": sc["in_grid"]},
+            dict(process="lava", sign_mode=sc["mode"], weight_bits=8, weight_scale=sc["g"],
+                 weight_exp=sparse[0]["weight_exp"], in_grid=sc["in_grid"], max_weight_error=err,
+                 rel_weight_error=err / sc["wmax"] if sc["wmax"] else 0.0, **rep))
 
 
 def loihi_lif_for_grid(g_y: float, c: float, v_thr: float, tau: float) -> tuple[dict, dict]:
     """A Lava ``LIFReset`` fed by one of our Op2 (an attention product or a sum) whose output lies on the grid
     ``g_y`` and enters the membrane times c = r / tau: the input quantum q = g_y c / 2^j with the largest integer j
-    that keeps the threshold mantissa at most ~VTH_TARGET, so the Op2 sends the exact integers (y / g_y) * 2^j
-    (j >= 0; rounded for j < 0). Returns (LIF kwargs, report)."""
+    that keeps the threshold mantissa at most VTH_TARGET (headroom: a step's input < 64 V_th), so the Op2 sends the
+    exact integers (y / g_y) * 2^j (j >= 0; rounded to nearest for j < 0). Returns (LIF kwargs, report)."""
     q0 = g_y * c
     j = math.floor(math.log2(VTH_TARGET * q0 / v_thr)) if v_thr > 0 else 0
     q = q0 / 2.0 ** j
-    lif, rep = loihi_lif_params(q, None, v_thr, tau)
+    lif, rep = _lif_params(q, None, v_thr, tau)
     return lif, dict(process="lava (fed by ours)", input_shift=j, **rep)
 
 
