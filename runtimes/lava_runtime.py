@@ -330,6 +330,7 @@ class _Builder:
         # with Lava's own processes: a Delay of n steps as n identity Lava Sparse (Lava's DelaySparse rebuilds its
         # delay-split matrix every step: 2.8 ms per step for 33k identity synapses, 60x a Sparse's matvec)
         self.lava_delays = True
+        self.netx_input = False  # fixed point: quantise the image layer as the netx exporter does (no exponent)
 
     def _name(self, base: str) -> str:
         self._n += 1
@@ -496,7 +497,7 @@ class _Builder:
                     if len(syns) != len(p["inputs"]):
                         raise AssertionError(f"{name}: a LIF fed by a Lava Sparse and something else")
                     ks, entry = loihi_layer([s["kwargs"]["weights"] for s, _ in syns], [g for _, g in syns],
-                                            k["bias_mant"], k["vth"], 1.0 / k["dv"])
+                                            k["bias_mant"], k["vth"], 1.0 / k["dv"], netx=self.netx_input)
                     if syns[0][1] is None:
                         pixel_grid(ks["in_grid"])
                     for (s, _), sk in zip(syns, ks["sparse"]):
@@ -717,7 +718,8 @@ def _lif_params(q, bias, v_thr, tau):
         raise StataError(str(e)) from None
 
 
-def loihi_layer(weights: list, in_grids: list, bias, v_thr: float, tau: float) -> tuple[dict, dict]:
+def loihi_layer(weights: list, in_grids: list, bias, v_thr: float, tau: float,
+                netx: bool = False) -> tuple[dict, dict]:
     """Quantise one standard layer, Lava ``Sparse`` (one, or two carrying the same matrix into one LIF) ->
     ``LIFReset``, ONCE, for Lava's bit-accurate models (``PySparseModelBitAcc``, ``PyLifResetModelBitAcc``), by
     ``stata_deploy.loihi_fixed`` (the rules; the netx exporter uses the same).
@@ -725,9 +727,10 @@ def loihi_layer(weights: list, in_grids: list, bias, v_thr: float, tau: float) -
     weights: the float csr matrices of the float spec (r / tau folded in); in_grids: the value of one integer unit
     of each Sparse's input (spikes 1; None: the image, whose grid the layer chooses); bias: the LIF's float
     bias_mant (r / tau folded in); v_thr: NIR's v_threshold; tau: 1 / the float dv. Two Sparse of different input
-    grids get exponents that give them the same input quantum q.
+    grids get exponents that give them the same input quantum q. netx: the image layer as the netx exporter
+    writes it (no weight exponent; ``loihi_fixed.layer_scale``).
     Returns ({"sparse": [kwargs per Sparse], "lif": LIF kwargs, "in_grid": the first input's grid}, report)."""
-    sc = loihi_fixed.layer_scale(np.concatenate([w.data for w in weights]), v_thr, in_grids[0])
+    sc = loihi_fixed.layer_scale(np.concatenate([w.data for w in weights]), v_thr, in_grids[0], netx=netx)
     grids = [sc["in_grid"]] + list(in_grids[1:])
     sparse, err = [], 0.0
     for w, gi in zip(weights, grids):
@@ -1013,13 +1016,15 @@ class LavaRuntime(Runtime):
     accepts = ("precision", "timeout")
 
     def __init__(self, path, precision: str = "float", timeout: float = 600.0, batch: int | None = None,
-                 dtype: str = "float64", lava_procs: bool = True, **options):
+                 dtype: str = "float64", lava_procs: bool = True, netx_input: bool = False, **options):
         """precision: 'float' | 'fixed'; timeout: seconds any single answer of the simulation may take (build,
         compile, or one run call) before its process group is killed; batch: samples simulated in parallel (one
         network build; a run of B samples streams ceil(B / batch) chunks); dtype: neuron arithmetic in float mode.
         Other options the CLI passes (hardware, threads) do not change the simulation: energy is computed from the
         returned spikes by the shared counter. lava_procs: build the standard layers (synapse + LIF pairs) on Lava's
-        own ``Sparse`` + ``LIFReset`` where they are exact (float precision; see ``_lava_pair``); False: all ours."""
+        own ``Sparse`` + ``LIFReset`` where they are exact (float precision; see ``_lava_pair``; in fixed precision
+        their bit-accurate models); False: all ours. netx_input (fixed point): quantise the image layer as the
+        netx exporter must (no weight exponent: a coarser pixel grid; see ``stata_deploy.loihi_fixed``)."""
         super().__init__(path)
         if precision not in PRECISIONS:
             raise StataError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
@@ -1035,6 +1040,7 @@ class LavaRuntime(Runtime):
             raise StataError("batch must be >= 1")
         t0 = time.perf_counter()
         self._builder = lower_graph(self.graph, self.batch, precision, dtype)
+        self._builder.netx_input = bool(netx_input)
         self.lower_seconds = time.perf_counter() - t0
         self.depth = self._builder.depth  # steps from input to logits
         self.lava_procs = bool(lava_procs)

@@ -17,10 +17,11 @@ q: the membrane value of one a_in unit (v = V * 64 / q).
   (mixed signs: even integers in [-256, 254], step 2, m_max 127 -- Lava drops their LSB; one sign: step 1, m_max
   255); W_int = step * round(w / (step g)) (to nearest).
 - Exponent: q = g * in_grid / 2^weight_exp, weight_exp <= 0 the largest that keeps the threshold mantissa at most
-  VTH_MAX (= 2^14: the 24-bit state then holds |V| < 8 V_th and the 17 bits a_in may use before the << 6 a step's
-  input < 8 V_th); spike inputs (in_grid 1) need 0 for all but very small weights. A graded input (the image,
-  ``in_grid=None``) gets the finest pixel grid 2^-k, k <= INPUT_BITS, that needs no exponent (digits' k/16 pixels are
-  exact from k = 4); only if even k = 0 does not fit, a negative exponent.
+  VTH_MAX (= 2^11: the 24-bit state then holds |V| < 64 V_th and the 17 bits a_in may use before the << 6 a step's
+  input < 64 V_th; at 2^14 trained models' first layer overflowed the current and lost 8 points); spike inputs
+  (in_grid 1) need 0 for all but very small weights. The image (``in_grid=None``): 8-bit pixels, whose first layer
+  needs a negative exponent (a right shift of the sum, flooring). lava-dl's netx Conv has no exponent: for netx
+  (``netx=True``) the image layer instead gets the finest pixel grid 2^-k that needs none under NETX_VTH_MAX.
 - Threshold: vth = floor(v_threshold / q): V > vth q, exactly NIR's V > v_threshold for a membrane on the q grid;
   off the grid (after a decay truncates) the threshold sits up to one q below.
 - Bias: round(b / q) in a_in units as a 13-bit mantissa with bias_exp 6 (netx's fixed exponent: bias_mant << 6 is in
@@ -34,7 +35,8 @@ import math
 
 import numpy as np
 
-VTH_MAX = 2 ** 14  # the largest threshold mantissa a layer's exponent choice aims at (Loihi holds 17 bits)
+VTH_MAX = 2 ** 11  # the largest threshold mantissa a layer's exponent choice aims at (Loihi holds 17 bits)
+NETX_VTH_MAX = 2 ** 14  # the same for an image layer without exponent (netx): less headroom, more pixel bits
 INPUT_BITS = 8  # the image: at most 8 fractional bits per pixel (x in [0, 1] as integers round(x * 2^k))
 WEIGHT_EXP_MIN = -8  # Loihi's weight exponent range is [-8, 7]; only <= 0 is used (netx's Conv applies none)
 DECAY_UNITY = 4096  # du / dv in units of 1/4096 (12 bits)
@@ -50,21 +52,28 @@ def sign_mode(values: np.ndarray) -> tuple[str, int, int]:
     return ("inhibitory" if (d < 0).any() else "excitatory"), 1, 255
 
 
-def layer_scale(values: np.ndarray, v_thr: float, in_grid: float | None) -> dict:
+def layer_scale(values: np.ndarray, v_thr: float, in_grid: float | None, netx: bool = False) -> dict:
     """The layer's scale (see the module docstring): values = every weight w (r / tau folded in); v_thr = NIR's
-    v_threshold; in_grid = the value of one integer unit of the input (spikes: 1; None: graded, choose the grid).
+    v_threshold; in_grid = the value of one integer unit of the input (spikes: 1; None: the image, INPUT_BITS-bit
+    pixels). netx: an image layer without weight exponent (lava-dl's Conv applies none): the finest pixel grid
+    2^-k (k <= INPUT_BITS) whose threshold mantissa stays at most NETX_VTH_MAX, at the cost of headroom (a step's
+    input < 2^17 / vth V_th before the 24-bit current wraps) and of pixel bits.
     Returns mode, step, g (value of one weight unit), weight_exp, in_grid, q."""
     d = np.asarray(values, dtype=np.float64)
     mode, step, mmax = sign_mode(d)
     wmax = float(np.abs(d).max(initial=0))
     g = wmax / (step * mmax) if wmax > 0 else 1.0
-    if in_grid is None:  # the finest pixel grid that needs no exponent
-        k = math.floor(math.log2(VTH_MAX * g / v_thr)) if v_thr > 0 else INPUT_BITS
+    vmax = VTH_MAX
+    if in_grid is None and netx:
+        vmax = NETX_VTH_MAX
+        k = math.floor(math.log2(vmax * g / v_thr)) if v_thr > 0 else INPUT_BITS
         in_grid = 2.0 ** -int(np.clip(k, 0, INPUT_BITS))
+    elif in_grid is None:
+        in_grid = 2.0 ** -INPUT_BITS
     q0 = g * in_grid
     e = 0
     if v_thr > 0:
-        e = int(np.clip(math.floor(math.log2(VTH_MAX * q0 / v_thr)), WEIGHT_EXP_MIN, 0))
+        e = int(np.clip(math.floor(math.log2(vmax * q0 / v_thr)), WEIGHT_EXP_MIN, 0))
     return dict(mode=mode, step=step, g=g, weight_exp=e, in_grid=in_grid, q=q0 / 2.0 ** e, wmax=wmax)
 
 
