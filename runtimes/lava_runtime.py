@@ -30,7 +30,7 @@ Lava's own processes (issue 14)
     Also: a bias-free synapse on its own (token selection / placement) is Lava's Sparse; a LIF fed by one product
     or sum (SSA / A2OS2A attn_lif, SDSA's spike ANDs) is Lava's LIFReset with that Op2's output scaled by r/tau;
     a two-edge sum feeding only a Sparse -> LIF pair becomes two Sparse into the LIF's a_in (Lava sums an InPort's
-    connections). Fixed precision still builds everything from ours (Loihi-like quantisation below).
+    connections). Fixed precision uses the same processes with Lava's bit-accurate models (below).
     Delays: a Delay of n steps is n identity Lava Sparse (Lava's DelaySparse rebuilds its delay-split matrix every
     step: 2.8 ms for 33k identity synapses, 60x a Sparse's matvec).
     Cost [measured 2026-12-01, 2 cores otherwise idle, the tests' lively spikformer-tiny models, batch 16, 32
@@ -56,11 +56,15 @@ Token pruning
 
 Precision
     ``float``: float64 (as the reader's executor), neuron updates in the reader's / torch's operation order
-    (``dtype='float32'`` is available). Measured: zero spike mismatches against torch. ``fixed``: Loihi-like
-    quantisation: 8-bit signed weight mantissas with one power-of-two exponent per layer, biases on the same grid
-    (13-bit mantissa), the neuron state on that grid / tau (1/tau folded into the weights, as on Loihi), the decayed
-    state truncated to it every step (an integer shift) and the input added exactly; ``quantisation`` describes each
-    layer. The accuracy cost is measured against torch (benchmarks/lava_speed.py --parity).
+    (``dtype='float32'`` is available). Measured: zero spike mismatches against torch. ``fixed``: the worker runs
+    ``Loihi2SimCfg(select_tag="fixed_pt")``: the standard layers on Lava's bit-accurate models
+    ``PySparseModelBitAcc`` (``lava.proc.sparse.models``) and ``PyLifResetModelBitAcc`` (``lava.proc.lif.models``),
+    with each layer's integers derived once by ``loihi_layer`` / ``loihi_lif_for_grid`` (the rules in
+    ``stata_deploy.loihi_fixed``: 8-bit weight mantissas filled by the largest |weight|, weight exponent <= 0,
+    24-bit state, du 4095, dv round(4096 / tau), threshold floor(v_threshold / q), bias on the input quantum q; the
+    image as 8-bit pixels). Ours run their ``fixed_pt`` models: integers at every port, scaled as documented in
+    ``_Builder._fixed_point`` (our synapses: power-of-two weight grids, ``_quantise``). ``quantisation`` lists every
+    layer's numbers. The accuracy cost is measured against torch (benchmarks/lava_speed.py --parity; README).
 
 Process safety
     The simulation runs in a child process (``runtimes.lava_worker``, numpy + lava only) in its own process group,
