@@ -9,16 +9,26 @@ held: ``export(..., part="full")`` (the default) raises ``UnsupportedOpError`` n
 
 File layout (as ``lava.lib.dl.netx.utils.NetDict`` reads it; every value a dataset)::
 
-    layer/0  type='input'  shape=(C, H, W)  neuron/{type='CUBA', iDecay, vDecay, vThMant, refDelay}
+    attrs    input_scale, input_message_bits, timesteps
+    layer/0  type='input'  shape=(C, H, W)
     layer/i  type='conv'   shape=(C', H', W')  weight int (Co, Ci, kh, kw)  bias int (Co,)  stride, padding,
-             dilation (2,)  groups ()  neuron/{...}
+             dilation (2,)  groups ()  neuron/{type='CUBA', iDecay, vDecay, vThMant, refDelay}
 
-Our LIF -> CUBA mapping (fixed point, weight scale 2**6 as slayer uses): with tau = 2 our update is
-``V = V (1 - 1/tau) + X / tau``; CUBA is ``u = u (1 - iDecay/4096) + W s``, ``v = v (1 - vDecay/4096) + u + b``. So
-iDecay = 4096 (the current does not persist), vDecay = 4096 / tau, weight mantissas round(64 W / tau) as 8-bit
-signed integers (clipped to [-256, 254], netx's range), bias round(64 b / tau), vThMant = round(64 V_th). BatchNorm
-is folded first. Two deviations are stated, not hidden: Loihi fires at v > vth (ours: H >= V_th), and the input
-layer of netx is a neuron layer, whereas our first convolution takes the real-valued pixels (a graded input).
+Quantisation: ``stata_deploy.loihi_fixed`` (the one the Lava runtime's ``--precision fixed`` uses), so the file
+holds exactly the integers our Lava runtime runs: per stem layer, BatchNorm folded as for NIR (float64), weights
+w = W / tau as 8-bit mantissas filled by the largest |w| (mixed signs: even integers in [-256, 254]), no weight
+exponent (Lava's ``Conv`` fixed-point model, which netx builds for conv layers, applies none: a layer that would
+need one is refused), iDecay = 4096 (the current forgets each step), vDecay = round(4096 / tau), vThMant =
+floor(v_threshold / q) (Loihi fires at v > vth << 6, our LIF at H >= V_th: the NIR threshold on the layer's input
+quantum q), bias in a_in units (netx's bias exponent 6). The image enters as graded spikes: layer 0 is a plain
+``input`` (shape only, no neuron), and the first conv reads integer pixels round(x * input_scale) with
+input_message_bits bits (file attributes ``input_scale`` = 2^k, the finest grid the first layer can hold without
+a weight exponent, and ``input_message_bits``): load with ``netx.hdf5.Network(net_config=FILE,
+input_message_bits=..., reset_interval=T, reset_offset=1)`` to run what our runtime runs with
+``LavaRuntime(..., precision="fixed", netx_input=True)`` (tests/test_netx.py). The limit: the runtime's default
+takes 8-bit pixels into a first layer with a negative weight exponent (a right shift lava-dl's Conv cannot do),
+so the netx file's first layer is coarser in its pixels than the runtime's default (digits' k/16 pixels: exact
+from k = 4) and has less headroom.
 """
 from __future__ import annotations
 
@@ -27,24 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
+from stata_deploy import loihi_fixed
 from stata_deploy.errors import StataError, UnsupportedOpError
 from stata_deploy.exporter_api import Exporter
 from stata_deploy.fileio import atomic_write_bytes
 from stata_deploy.pruning.masks import TokenMasks
 
-W_SCALE = 64  # 2**6: fixed-point scale of weights, biases and thresholds
-WMIN, WMAX = -256, 254  # netx's optimize_weight_bits range
-
-
-def _f64(a) -> np.ndarray:
-    return a.detach().cpu().double().numpy()
-
-
-def _fold(conv, bn):
-    w = _f64(conv.weight)
-    b = _f64(conv.bias) if conv.bias is not None else np.zeros(w.shape[0])
-    s = _f64(bn.weight) / np.sqrt(_f64(bn.running_var) + bn.eps)
-    return w * s.reshape(-1, 1, 1, 1), (b - _f64(bn.running_mean)) * s + _f64(bn.bias)
+from exporters.nir_exporter import fold_bn, nir_threshold
 
 
 def unsupported_parts(model, masks: TokenMasks | None) -> list[str]:
@@ -66,20 +65,31 @@ def unsupported_parts(model, masks: TokenMasks | None) -> list[str]:
     return parts
 
 
-def _neuron(g, v_th: float, tau: float) -> None:
+def _neuron(g, lif: dict) -> None:
     n = g.create_group("neuron")
     n.create_dataset("type", data=np.array([b"CUBA"]))
-    n.create_dataset("iDecay", data=np.int64(4096))
-    n.create_dataset("vDecay", data=np.int64(round(4096 / tau)))
-    n.create_dataset("vThMant", data=np.int64(round(W_SCALE * v_th)))
+    n.create_dataset("iDecay", data=np.int64(lif["du"] + 1))  # netx: du = iDecay - 1
+    n.create_dataset("vDecay", data=np.int64(lif["dv"]))
+    n.create_dataset("vThMant", data=np.int64(lif["vth"]))
     n.create_dataset("refDelay", data=np.int64(1))
     n.create_dataset("gradedSpike", data=np.bool_(False))
 
 
-def _quant(a: np.ndarray, tau: float) -> tuple[np.ndarray, float]:
-    q = np.round(a * W_SCALE / tau)
-    clipped = float(np.mean((q < WMIN) | (q > WMAX)))
-    return np.clip(q, WMIN, WMAX).astype(np.int16), clipped
+def stem_layer(stage, in_grid: float | None) -> dict:
+    """One stem stage (conv + BN + LIF) in Loihi's integers (``stata_deploy.loihi_fixed``, as the Lava runtime's
+    fixed point): weight (Co, Ci, kh, kw) int, bias (Co,) int in netx's units (<< 6), the LIF's parameters, the
+    report. Refuses a layer that needs a weight exponent (netx's Conv applies none)."""
+    w, b = fold_bn(stage.conv.conv.weight, stage.conv.conv.bias, stage.conv.bn)
+    tau, v_thr = float(stage.lif.tau), float(nir_threshold(float(stage.lif.v_th)))
+    c = 1.0 / tau  # r = 1: the membrane takes X / tau
+    sc = loihi_fixed.layer_scale(w * c, v_thr, in_grid, netx=True)
+    if sc["weight_exp"] != 0:
+        raise UnsupportedOpError(f"netx: this stem layer needs a weight exponent {sc['weight_exp']} (its weights are "
+                                 "tiny next to its threshold); lava-dl's Conv applies none")
+    lif, rep = loihi_fixed.lif_params(sc["q"], b * c, v_thr, tau)
+    bias = np.asarray(lif["bias_mant"], dtype=np.int64) << (lif["bias_exp"] - loihi_fixed.BIAS_EXP)
+    return dict(weight=loihi_fixed.quantise_weights(w * c, sc), bias=bias, lif=lif, in_grid=sc["in_grid"],
+                report=dict(sign_mode=sc["mode"], weight_scale=sc["g"], **rep))
 
 
 class NetxExporter(Exporter):
@@ -104,43 +114,49 @@ class NetxExporter(Exporter):
             raise UnsupportedOpError(f"netx cannot hold {', '.join(pools)} (netx 'pool' layers are not "
                                      "implemented); a stem without pooling (pool_stages=0) exports")
         out = Path(out)
-        layers, clipped = [], {}
+        layers, quant = [], {}
+        stages = []
+        for i, st in enumerate(model.stem.stages):
+            stages.append(stem_layer(st, None if i == 0 else 1.0))
+        in_scale = 1.0 / stages[0]["in_grid"]
+        in_bits = int(np.log2(in_scale)) + 1  # pixels in [0, 1] -> integers 0 .. 2^k
         buf = io.BytesIO()  # h5py writes into memory; stata_deploy.fileio writes the bytes atomically
         with h5py.File(buf, "w") as f:
             f.attrs["generator"] = "stata-deploy netx exporter"
             f.attrs["scope"] = "SPS stem of " + cfg.name
+            f.attrs["input_scale"] = in_scale
+            f.attrs["input_message_bits"] = in_bits
+            f.attrs["timesteps"] = cfg.T
             L = f.create_group("layer")
             g0 = L.create_group("0")
             g0.create_dataset("type", data=np.array([b"input"]))
             g0.create_dataset("shape", data=np.array([cfg.in_channels, cfg.img_size, cfg.img_size]))
-            _neuron(g0, 1.0, 2.0)
             layers.append("input")
             H = cfg.img_size
-            for i, st in enumerate(model.stem.stages):
-                w, b = _fold(st.conv.conv, st.conv.bn)
+            for i, (st, q) in enumerate(zip(model.stem.stages, stages)):
                 gi = L.create_group(str(i + 1))
                 gi.create_dataset("type", data=np.array([b"conv"]))
-                gi.create_dataset("shape", data=np.array([w.shape[0], H, H]))
-                wq, cw = _quant(w, st.lif.tau)
-                bq, cb = _quant(b, st.lif.tau)
-                gi.create_dataset("weight", data=wq)
-                gi.create_dataset("bias", data=bq)
+                gi.create_dataset("shape", data=np.array([q["weight"].shape[0], H, H]))
+                gi.create_dataset("weight", data=q["weight"].astype(np.int16))
+                gi.create_dataset("bias", data=q["bias"].astype(np.int32))
                 gi.create_dataset("stride", data=np.array([1, 1]))
                 gi.create_dataset("padding", data=np.array([1, 1]))
                 gi.create_dataset("dilation", data=np.array([1, 1]))
                 gi.create_dataset("groups", data=np.int64(1))
-                _neuron(gi, st.lif.v_th, st.lif.tau)
+                _neuron(gi, q["lif"])
                 layers.append(f"stem.stages.{i}")
-                clipped[f"stem.stages.{i}"] = max(cw, cb)
+                quant[f"stem.stages.{i}"] = q["report"]
         atomic_write_bytes(out, buf.getvalue())
         return {
             "path": str(out),
             "format": "lava-dl netx HDF5 (fixed point, CUBA neurons)",
             "layers": layers,
-            "weight_scale": W_SCALE,
-            "clipped_fraction": clipped,
+            "input_scale": in_scale,
+            "input_message_bits": in_bits,
+            "quantisation": quant,
             "not_exported": unsupported_parts(model, masks),
             "notes": ["only the SPS stem is exported (netx networks are sequential)",
-                      "Loihi CUBA fires at v > vth, ours at H >= V_th: exact ties differ",
-                      "netx's input layer is a neuron layer; our first conv takes graded (real) pixels"],
+                      "the integers of the Lava runtime's --precision fixed (stata_deploy.loihi_fixed)",
+                      f"the image enters as graded spikes round(x * {in_scale:g}) into the first conv "
+                      f"(netx.hdf5.Network(..., input_message_bits={in_bits}))"],
         }

@@ -30,7 +30,7 @@ Lava's own processes (issue 14)
     Also: a bias-free synapse on its own (token selection / placement) is Lava's Sparse; a LIF fed by one product
     or sum (SSA / A2OS2A attn_lif, SDSA's spike ANDs) is Lava's LIFReset with that Op2's output scaled by r/tau;
     a two-edge sum feeding only a Sparse -> LIF pair becomes two Sparse into the LIF's a_in (Lava sums an InPort's
-    connections). Fixed precision still builds everything from ours (Loihi-like quantisation below).
+    connections). Fixed precision uses the same processes with Lava's bit-accurate models (below).
     Delays: a Delay of n steps is n identity Lava Sparse (Lava's DelaySparse rebuilds its delay-split matrix every
     step: 2.8 ms for 33k identity synapses, 60x a Sparse's matvec).
     Cost [measured 2026-12-01, 2 cores otherwise idle, the tests' lively spikformer-tiny models, batch 16, 32
@@ -56,11 +56,15 @@ Token pruning
 
 Precision
     ``float``: float64 (as the reader's executor), neuron updates in the reader's / torch's operation order
-    (``dtype='float32'`` is available). Measured: zero spike mismatches against torch. ``fixed``: Loihi-like
-    quantisation: 8-bit signed weight mantissas with one power-of-two exponent per layer, biases on the same grid
-    (13-bit mantissa), the neuron state on that grid / tau (1/tau folded into the weights, as on Loihi), the decayed
-    state truncated to it every step (an integer shift) and the input added exactly; ``quantisation`` describes each
-    layer. The accuracy cost is measured against torch (benchmarks/lava_speed.py --parity).
+    (``dtype='float32'`` is available). Measured: zero spike mismatches against torch. ``fixed``: the worker runs
+    ``Loihi2SimCfg(select_tag="fixed_pt")``: the standard layers on Lava's bit-accurate models
+    ``PySparseModelBitAcc`` (``lava.proc.sparse.models``) and ``PyLifResetModelBitAcc`` (``lava.proc.lif.models``),
+    with each layer's integers derived once by ``loihi_layer`` / ``loihi_lif_for_grid`` (the rules in
+    ``stata_deploy.loihi_fixed``: 8-bit weight mantissas filled by the largest |weight|, weight exponent <= 0,
+    24-bit state, du 4095, dv round(4096 / tau), threshold floor(v_threshold / q), bias on the input quantum q; the
+    image as 8-bit pixels). Ours run their ``fixed_pt`` models: integers at every port, scaled as documented in
+    ``_Builder._fixed_point`` (our synapses: power-of-two weight grids, ``_quantise``). ``quantisation`` lists every
+    layer's numbers. The accuracy cost is measured against torch (benchmarks/lava_speed.py --parity; README).
 
 Process safety
     The simulation runs in a child process (``runtimes.lava_worker``, numpy + lava only) in its own process group,
@@ -89,6 +93,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from stata_deploy import loihi_fixed
 from stata_deploy.errors import DataError, StataError, UnsupportedOpError
 from stata_deploy.nn.neurons import TAU, V_RESET, V_TH
 from stata_deploy.results import RunResult
@@ -329,6 +334,7 @@ class _Builder:
         # with Lava's own processes: a Delay of n steps as n identity Lava Sparse (Lava's DelaySparse rebuilds its
         # delay-split matrix every step: 2.8 ms per step for 33k identity synapses, 60x a Sparse's matvec)
         self.lava_delays = True
+        self.netx_input = False  # fixed point: quantise the image layer as the netx exporter does (no exponent)
 
     def _name(self, base: str) -> str:
         self._n += 1
@@ -342,7 +348,7 @@ class _Builder:
 
     def input(self, shape) -> _Node:
         self.input_shape = tuple(shape)
-        return _Node("input", tuple(shape), 0, 0.0)
+        return _Node("input", tuple(shape), 0, 2.0 ** -loihi_fixed.INPUT_BITS if self.precision == "fixed" else 0.0)
 
     def delay(self, x: _Node, lag: int) -> _Node:
         """x delayed to ``lag`` (>= x.lag)."""
@@ -361,20 +367,21 @@ class _Builder:
         bias = None if bias is None else np.asarray(bias, dtype=np.float64)
         if bias is not None and not bias.any():
             bias = None
-        grid = 0.0
-        if self.precision == "fixed":
-            weight, bias, grid = self._quantise(weight, bias, label)
+        grid, extra = 0.0, {}
+        if self.precision == "fixed":  # weights stay real here: the spec quantises them (Lava's layers or ours)
+            extra["wgrid"] = _pow2_grid(weight)
+            grid = extra["wgrid"] * min(1.0, x.grid or 1.0)  # the output's value grid (input on grid x.grid)
         return self._add("Synapse", label, [x], ["s_in"], out_shape, x.lag + 1, grid,
                          in_shape=(self.B, *x.shape), out_shape=(self.B, *out_shape), weight=weight, bias=bias,
-                         mode=mode, mask=mask, T=self.T, lag=x.lag + 1)
+                         mode=mode, mask=mask, T=self.T, lag=x.lag + 1, **extra)
 
     def _quantise(self, w, b, label):
-        """Loihi-like: 8-bit signed weight mantissas with one power-of-two exponent per layer; bias on the same
-        grid (13-bit mantissa, clipped)."""
-        wmax = float(abs(w).max()) if (w.nnz if sp.issparse(w) else w.size) else 0.0
-        if wmax == 0.0:
+        """Our Synapse in fixed point (Loihi-like): 8-bit signed weight mantissas with one power-of-two exponent
+        per layer (``_pow2_grid``, rounded to nearest); the bias as a 13-bit mantissa on that grid shifted by the
+        smallest exponent in [0, 7] that holds it (clipped beyond)."""
+        grid = _pow2_grid(w)
+        if grid == 1.0 and not (w.nnz if sp.issparse(w) else np.asarray(w).any()):
             return w, b, 1.0
-        grid = 2.0 ** math.ceil(math.log2(wmax / 127.0))
         if sp.issparse(w):
             wq = w.copy()
             wq.data = np.clip(np.round(w.data / grid), -127, 127) * grid
@@ -382,9 +389,13 @@ class _Builder:
         else:
             wq = np.clip(np.round(w / grid), -127, 127) * grid
             err = float(abs(wq - w).max())
-        bq = None if b is None else np.clip(np.round(b / grid), -4095, 4095) * grid
-        self.quant.append({"layer": label, "weight_bits": 8, "exponent": int(math.log2(grid)),
-                           "max_weight_error": err,
+        bexp = 0  # as Loihi's bias: a 13-bit mantissa << the smallest exponent in [0, 7] that holds it
+        while b is not None and bexp < 7 and np.abs(np.round(b / (grid * 2 ** bexp))).max(initial=0) > 4095:
+            bexp += 1
+        bg = grid * 2 ** bexp
+        bq = None if b is None else np.clip(np.round(b / bg), -4096, 4095) * bg
+        self.quant.append({"layer": label, "process": "ours", "weight_bits": 8, "exponent": int(math.log2(grid)),
+                           "bias_exp": bexp, "max_weight_error": err,
                            "max_bias_error": 0.0 if b is None else float(abs(bq - b).max())})
         return wq, bq, grid
 
@@ -422,10 +433,123 @@ class _Builder:
 
     def spec(self, buffer: int, fuse: bool = True, lava_procs: bool = True) -> dict:
         """The worker's spec. fuse: Synapse -> Neuron pairs become one process; lava_procs: standard pairs (see
-        ``_lava_pair``) become Lava's own ``Sparse`` + ``LIFReset`` (float precision only)."""
-        procs = self._fused(lava_procs and self.precision == "float") if fuse else self.procs
+        ``_lava_pair``) become Lava's own ``Sparse`` + ``LIFReset``. Fixed precision: then ``_fixed_point``
+        (Lava's bit-accurate models, integer ports, ``self.quant``)."""
+        procs = self._fused(lava_procs) if fuse else self.procs
+        fixed = self.precision == "fixed"
+        grids = {}
+        if fixed:
+            procs, grids = self._fixed_point(procs)
         return dict(T=self.T, batch=self.B, input_shape=self.input_shape, procs=procs, records=self.records,
-                    buffer=buffer)
+                    buffer=buffer, select_tag="fixed_pt" if fixed else "floating_pt",
+                    record_grids={k: grids[src] for k, (src, _, _) in self.records.items()} if fixed else {})
+
+    def _fixed_point(self, procs: list[dict]) -> tuple[list[dict], dict]:
+        """Fixed point (``Loihi2SimCfg(select_tag="fixed_pt")``): every tensor between processes is an integer
+        array in units of its grid (``grids``: proc name -> the value of one unit; spikes 1). Returns new procs
+        and the grids; fills ``self.quant`` (one entry per quantised layer).
+
+        Boundaries (the scaling at each):
+        - image -> network: our ``Op1`` ``quantise`` sends round(x * 2^k), the pixel grid 2^-k (k <= 8) chosen by
+          the first layer (``loihi_fixed.layer_scale``: the finest that needs no weight exponent);
+        - Lava ``Sparse`` -> ``LIFReset`` (a standard layer, one or two Sparse into one LIF): ``loihi_layer``
+          quantises weights, bias, threshold and decays once for the layer; the Sparse take the integers of their
+          inputs' grids as graded spikes (24-bit messages);
+        - a lone Lava ``Sparse`` (token selection / placement, delay chains): integral weights, passed as they are
+          (mixed-sign ones doubled with weight_exp -1, since Loihi drops their LSB): output grid = input grid;
+        - our ``Op2`` -> Lava ``LIFReset`` (a product or a sum into a LIF): ``loihi_lif_for_grid`` picks the LIF's
+          input quantum q; the Op2 sends round(y * r / (tau q)) (exact when y lies on its grid);
+        - Lava ``LIFReset`` -> anything: spikes 0 / 1 (grid 1);
+        - ours -> ours: integers in units of the producer's grid; ours compute on ``int * grid`` (our Synapse's
+          weights on a power-of-two grid, ``_quantise``) and send ``rint(y / out_grid)``;
+        - recorded layers: the worker multiplies the integers by their grid (``record_grids``).
+        """
+        self.quant = []
+        consumers: dict[str, list] = {}
+        for p in procs:
+            for i in p["inputs"]:
+                consumers.setdefault(i, []).append(p)
+        recorded = {src for src, _, _ in self.records.values()}
+        shape = (self.B, *self.input_shape)
+        qin = dict(cls="Op1", name="000_input_quantise", inputs=["input"], in_ports=["in0"],
+                   kwargs=dict(kind="quantise", in_shape=shape, out_shape=shape, params={}, T=self.T, lag=0,
+                               mask=None, in_grids=[1.0], out_grid=None))
+        grids = {qin["name"]: None}  # the pixel grid: chosen by the first layer that reads the image
+
+        def pixel_grid(g):
+            if grids[qin["name"]] is None:
+                grids[qin["name"]] = qin["kwargs"]["out_grid"] = g
+            return grids[qin["name"]]
+
+        out, pending, planned = [qin], {}, {}
+        for p in procs:
+            p = {**p, "inputs": [qin["name"] if i == "input" else i for i in p["inputs"]], "kwargs": dict(p["kwargs"])}
+            gin = [grids.get(i) for i in p["inputs"]]  # (a LIF's Sparse inputs are pending: no grid)
+            if not p["cls"].startswith("lava:") and None in gin:  # ours read the image first: 8-bit pixels
+                gin = [pixel_grid(2.0 ** -loihi_fixed.INPUT_BITS) if g is None else g for g in gin]
+            cls, k, name = p["cls"], p["kwargs"], p["name"]
+            users = consumers.get(name, [])
+            if cls == "lava:Sparse":
+                if len(users) == 1 and users[0]["cls"] == "lava:LIFReset" and name not in recorded:
+                    pending[name] = (p, gin[0])  # quantised with its LIF (below)
+                    continue
+                g0 = pixel_grid(2.0 ** -loihi_fixed.INPUT_BITS) if gin[0] is None else gin[0]
+                p, grids[name] = _fixed_lone_sparse(p, g0), g0
+            elif cls == "lava:LIFReset":
+                syns = [pending.pop(i) for i in p["inputs"] if i in pending]
+                if syns:
+                    if len(syns) != len(p["inputs"]):
+                        raise AssertionError(f"{name}: a LIF fed by a Lava Sparse and something else")
+                    ks, entry = loihi_layer([s["kwargs"]["weights"] for s, _ in syns], [g for _, g in syns],
+                                            k["bias_mant"], k["vth"], 1.0 / k["dv"], netx=self.netx_input)
+                    if syns[0][1] is None:
+                        pixel_grid(ks["in_grid"])
+                    for (s, _), sk in zip(syns, ks["sparse"]):
+                        out.append({**s, "kwargs": {**s["kwargs"], **sk}})
+                    k.update(ks["lif"])
+                else:
+                    k.update(planned.pop(name))  # from the Op2 that feeds it
+                    entry = None
+                if entry is not None:
+                    self.quant.append({"layer": name.split("_", 1)[1], **entry})
+                grids[name] = 1.0
+            else:
+                k["in_grids"] = gin
+                k["out_grid"] = grids[name] = self._our_fixed(p, gin, users, planned)
+            out.append(p)
+        if pending:
+            raise AssertionError(f"Lava Sparse without its LIF: {sorted(pending)}")
+        return out, grids
+
+    def _our_fixed(self, p: dict, gin: list[float], users: list[dict], planned: dict) -> float:
+        """One of our processes in fixed point: quantise its weights (``_quantise``) and return its output grid;
+        an Op2 feeding one Lava LIF gets the LIF's input quantum (``loihi_lif_for_grid``; ``planned`` receives the
+        LIF's integer parameters)."""
+        cls, k = p["cls"], p["kwargs"]
+        if cls in ("Synapse", "SynapseNeuron"):
+            syn = dict(k["syn"]) if cls == "SynapseNeuron" else k
+            syn["weight"], syn["bias"], wgrid = self._quantise(syn["weight"], syn["bias"], p["name"].split("_", 1)[1])
+            g = wgrid * min(1.0, gin[0])
+            if cls == "Synapse":
+                return g
+            k["syn"] = syn
+            return g if k["neu"].get("kind", "lif") == "relu" else 1.0
+        if cls == "Neuron":
+            return gin[0] if k.get("kind", "lif") == "relu" else 1.0
+        if cls == "Op2":
+            if k["kind"] == "matmul":
+                g = gin[0] * gin[1] * abs(float(k["params"].get("scale", 1.0)))
+            else:
+                g = min(gin)
+            if len(users) == 1 and users[0]["cls"] == "lava:LIFReset":
+                lif = users[0]["kwargs"]
+                c = float(k.get("out_scale", 1.0))
+                planned[users[0]["name"]], entry = loihi_lif_for_grid(g, c, lif["vth"], 1.0 / lif["dv"])
+                self.quant.append({"layer": users[0]["name"].split("_", 1)[1], **entry})
+                k["out_scale"] = 1.0
+                return entry["q"] / c  # the LIF's a_in in units of y
+            return g
+        return gin[0]  # Op1 (reshape / mask), Delay
 
     def process_kinds(self, **spec_kw) -> dict[str, int]:
         """Counts of the built network's processes by kind: ``lava.proc.<module>.<Class>`` for Lava's own
@@ -486,7 +610,8 @@ class _Builder:
                                     block_diag=int(k["shape"][0]), kwargs=dict(weights=eye, num_message_bits=24)))
                     src = name
                 continue
-            if p["cls"] == "Synapse" and k.get("bias") is None and _unmasked(k.get("mask")):
+            if p["cls"] == "Synapse" and k.get("bias") is None and _unmasked(k.get("mask")) \
+                    and (self.precision == "float" or _integral(k["weight"])):  # fixed: see _fixed_lone_sparse
                 p = _lava_sparse(p["name"], p["inputs"], k)
             elif p["cls"] == "Neuron":
                 src = by_name.get(p["inputs"][0])
@@ -561,6 +686,84 @@ def _unmasked(m) -> bool:
     return m is None or bool(np.asarray(m).all())
 
 
+# ------------------------------------------------------------------ fixed point: Loihi's integer parameters
+VTH_TARGET = 2 ** 11  # a LIF fed by our Op2: the threshold mantissa its input shift aims at (headroom 64 V_th)
+
+
+def _pow2_grid(w) -> float:
+    """Our Synapse's weight grid: the power of two that puts the largest |weight| in an 8-bit signed mantissa
+    (|m| <= 127); 1.0 for an all-zero matrix."""
+    wmax = float(abs(w).max()) if (w.nnz if sp.issparse(w) else np.size(w)) else 0.0
+    return 2.0 ** math.ceil(math.log2(wmax / 127.0)) if wmax > 0 else 1.0
+
+
+def _integral(w) -> bool:
+    """Integer weights a Lava Sparse holds as they are (token selections / placements, identity delays)."""
+    d = w.data if sp.issparse(w) else np.asarray(w)
+    return bool(np.all(d == np.rint(d)) and (np.abs(d).max(initial=0) <= 127))
+
+
+def _fixed_lone_sparse(p: dict, in_grid: float) -> dict:
+    """A Lava Sparse that feeds no LIF (token selection / placement, a delay step) in fixed point: its integral
+    weights as int32 (mixed-sign ones doubled and weight_exp -1: Loihi stores mixed-sign weights as even
+    integers); the output is in its input's units (``in_grid``)."""
+    W = p["kwargs"]["weights"].tocsr()
+    _, step, _ = loihi_fixed.sign_mode(W.data)
+    Wi = W.copy()
+    Wi.data = (np.rint(W.data) * step).astype(np.int32)
+    return {**p, "kwargs": {**p["kwargs"], "weights": Wi, "weight_exp": -1 if step == 2 else 0,
+                            "num_weight_bits": 8}}
+
+
+def _lif_params(q, bias, v_thr, tau):
+    try:
+        return loihi_fixed.lif_params(q, bias, v_thr, tau)
+    except ValueError as e:
+        raise StataError(str(e)) from None
+
+
+def loihi_layer(weights: list, in_grids: list, bias, v_thr: float, tau: float,
+                netx: bool = False) -> tuple[dict, dict]:
+    """Quantise one standard layer, Lava ``Sparse`` (one, or two carrying the same matrix into one LIF) ->
+    ``LIFReset``, ONCE, for Lava's bit-accurate models (``PySparseModelBitAcc``, ``PyLifResetModelBitAcc``), by
+    ``stata_deploy.loihi_fixed`` (the rules; the netx exporter uses the same).
+
+    weights: the float csr matrices of the float spec (r / tau folded in); in_grids: the value of one integer unit
+    of each Sparse's input (spikes 1; None: the image, whose grid the layer chooses); bias: the LIF's float
+    bias_mant (r / tau folded in); v_thr: NIR's v_threshold; tau: 1 / the float dv. Two Sparse of different input
+    grids get exponents that give them the same input quantum q. netx: the image layer as the netx exporter
+    writes it (no weight exponent; ``loihi_fixed.layer_scale``).
+    Returns ({"sparse": [kwargs per Sparse], "lif": LIF kwargs, "in_grid": the first input's grid}, report)."""
+    sc = loihi_fixed.layer_scale(np.concatenate([w.data for w in weights]), v_thr, in_grids[0], netx=netx)
+    grids = [sc["in_grid"]] + list(in_grids[1:])
+    sparse, err = [], 0.0
+    for w, gi in zip(weights, grids):
+        ei = math.log2(sc["g"] * gi / sc["q"])
+        if abs(ei - round(ei)) > 1e-9:
+            raise AssertionError(f"fixed point: input grids {in_grids} of one LIF differ by a non-power of two")
+        wi = w.tocsr().copy()
+        wi.data = loihi_fixed.quantise_weights(w.data, sc)
+        err = max(err, float(np.abs(wi.data * sc["g"] - w.data).max(initial=0)))
+        sparse.append(dict(weights=wi, weight_exp=int(round(ei)), num_weight_bits=8))
+    lif, rep = _lif_params(sc["q"], bias, v_thr, tau)
+    return ({"sparse": sparse, "lif": lif, "in_grid": sc["in_grid"]},
+            dict(process="lava", sign_mode=sc["mode"], weight_bits=8, weight_scale=sc["g"],
+                 weight_exp=sparse[0]["weight_exp"], in_grid=sc["in_grid"], max_weight_error=err,
+                 rel_weight_error=err / sc["wmax"] if sc["wmax"] else 0.0, **rep))
+
+
+def loihi_lif_for_grid(g_y: float, c: float, v_thr: float, tau: float) -> tuple[dict, dict]:
+    """A Lava ``LIFReset`` fed by one of our Op2 (an attention product or a sum) whose output lies on the grid
+    ``g_y`` and enters the membrane times c = r / tau: the input quantum q = g_y c / 2^j with the largest integer j
+    that keeps the threshold mantissa at most VTH_TARGET (headroom: a step's input < 64 V_th), so the Op2 sends the
+    exact integers (y / g_y) * 2^j (j >= 0; rounded to nearest for j < 0). Returns (LIF kwargs, report)."""
+    q0 = g_y * c
+    j = math.floor(math.log2(VTH_TARGET * q0 / v_thr)) if v_thr > 0 else 0
+    q = q0 / 2.0 ** j
+    lif, rep = _lif_params(q, None, v_thr, tau)
+    return lif, dict(process="lava (fed by ours)", input_shift=j, **rep)
+
+
 def _lava_sparse(name: str, inputs, k: dict, c: float = 1.0) -> dict:
     """Lava's ``Sparse`` for a Synapse's weight (times c) on the flattened batch: block-diagonal kron(I_B, W),
     sample-major. The spec holds the per-sample W and ``block_diag`` = B; the worker builds the kron (a spec B
@@ -575,7 +778,7 @@ def _lava_sparse(name: str, inputs, k: dict, c: float = 1.0) -> dict:
 def _lava_lif(name, inputs, neu: dict, bias, T: int, lag: int) -> dict | None:
     """Our LIF Neuron as Lava's ``LIFReset`` (its input must come scaled by the returned ``scale`` = r/tau), or
     None when Lava's LIF cannot express it (see ``_lava_pair``)."""
-    if neu.get("kind", "lif") != "lif" or neu.get("dtype", "float64") != "float64" or neu.get("grid", 0.0):
+    if neu.get("kind", "lif") != "lif" or neu.get("dtype", "float64") != "float64":
         return None
     if not _unmasked(neu.get("mask")):
         return None
@@ -859,13 +1062,15 @@ class LavaRuntime(Runtime):
     accepts = ("precision", "timeout")
 
     def __init__(self, path, precision: str = "float", timeout: float = 600.0, batch: int | None = None,
-                 dtype: str = "float64", lava_procs: bool = True, **options):
+                 dtype: str = "float64", lava_procs: bool = True, netx_input: bool = False, **options):
         """precision: 'float' | 'fixed'; timeout: seconds any single answer of the simulation may take (build,
         compile, or one run call) before its process group is killed; batch: samples simulated in parallel (one
         network build; a run of B samples streams ceil(B / batch) chunks); dtype: neuron arithmetic in float mode.
         Other options the CLI passes (hardware, threads) do not change the simulation: energy is computed from the
         returned spikes by the shared counter. lava_procs: build the standard layers (synapse + LIF pairs) on Lava's
-        own ``Sparse`` + ``LIFReset`` where they are exact (float precision; see ``_lava_pair``); False: all ours."""
+        own ``Sparse`` + ``LIFReset`` where they are exact (float precision; see ``_lava_pair``; in fixed precision
+        their bit-accurate models); False: all ours. netx_input (fixed point): quantise the image layer as the
+        netx exporter must (no weight exponent: a coarser pixel grid; see ``stata_deploy.loihi_fixed``)."""
         super().__init__(path)
         if precision not in PRECISIONS:
             raise StataError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
@@ -881,6 +1086,7 @@ class LavaRuntime(Runtime):
             raise StataError("batch must be >= 1")
         t0 = time.perf_counter()
         self._builder = lower_graph(self.graph, self.batch, precision, dtype)
+        self._builder.netx_input = bool(netx_input)
         self.lower_seconds = time.perf_counter() - t0
         self.depth = self._builder.depth  # steps from input to logits
         self.lava_procs = bool(lava_procs)

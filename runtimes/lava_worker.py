@@ -10,7 +10,9 @@
 
 ``x`` is (K, T, Bc, *input_shape): K chunks of Bc samples, streamed back to back with period T (pipelined), plus
 enough zero steps to drain the deepest lag. ``out`` holds, per recorded layer, (T, K * Bc, ...) aligned to model
-timesteps (the lag of each layer removed). Errors are reported as {"ok": false, "error": "..."} on stdout.
+timesteps (the lag of each layer removed; in fixed point the integers times the layer's ``record_grids`` entry).
+The spec's ``select_tag`` (``floating_pt`` | ``fixed_pt``) selects the process models (``Network.run_cfg``).
+Errors are reported as {"ok": false, "error": "..."} on stdout.
 
 Every shared-memory segment this process tree creates is logged to ``SPEC.shm`` (one name a line) before it is
 created, so that whoever kills the process group can unlink them.
@@ -253,7 +255,22 @@ class Network:
             _connect(self._out_port(src), e.in_port)
             self.ext[key] = (e, lag)
         self.max_lag = max(lag for _, lag in self.ext.values())
+        # fixed point: a recorded layer arrives as integers in units of its grid (spikes: 1)
+        self.record_grids = dict(spec.get("record_grids") or {})
         self.started = False
+
+    def run_cfg(self):
+        """``Loihi2SimCfg`` selecting every process model by the spec's tag: ``floating_pt`` (Lava's float models,
+        ours in float64) or ``fixed_pt`` (Lava's bit-accurate ``PySparseModelBitAcc`` / ``PyLifResetModelBitAcc``,
+        ours with integer ports). The Injector / Extractor have two untagged models each (Loihi-synchronous and
+        asynchronous): named here, since a tag cannot select them."""
+        from lava.magma.core.run_configs import Loihi2SimCfg
+        from lava.proc.io.extractor import Extractor, PyLoihiExtractorModel
+        from lava.proc.io.injector import Injector, PyLoihiInjectorModel
+
+        return Loihi2SimCfg(select_tag=self.spec.get("select_tag", "floating_pt"),
+                            exception_proc_model_map={Injector: PyLoihiInjectorModel,
+                                                      Extractor: PyLoihiExtractorModel})
 
     def _out_port(self, name):
         proc = self.procs[name]
@@ -265,7 +282,6 @@ class Network:
     def run(self, x: np.ndarray, after_start=None) -> dict:
         """after_start: called once Lava runs (processes started, shared memory made) before any step (a test hook)."""
         from lava.magma.core.run_conditions import RunSteps
-        from lava.magma.core.run_configs import Loihi2SimCfg
 
         K, T = x.shape[0], self.T
         drain = -(-self.max_lag // T)  # whole chunks of zeros so the phase stays aligned across requests
@@ -273,7 +289,7 @@ class Network:
         zeros = np.zeros((self.Bc, *self.spec["input_shape"]))
         out = {k: np.zeros((K + drain) * T, dtype=object) for k in self.ext}
         t0 = time.perf_counter()
-        self.inj.run(condition=RunSteps(num_steps=steps, blocking=False), run_cfg=Loihi2SimCfg())
+        self.inj.run(condition=RunSteps(num_steps=steps, blocking=False), run_cfg=self.run_cfg())
         t_compiled = time.perf_counter()
         if after_start is not None:
             after_start()
@@ -288,7 +304,7 @@ class Network:
         for key, (e, lag) in self.ext.items():
             seq = np.stack(list(out[key][lag:lag + K * T]))  # (K*T, Bc, ...) in model order
             seq = seq.reshape(K, T, *seq.shape[1:]).swapaxes(0, 1)  # (T, K, Bc, ...)
-            res[key] = seq.reshape(T, K * self.Bc, *seq.shape[3:])
+            res[key] = seq.reshape(T, K * self.Bc, *seq.shape[3:]) * self.record_grids.get(key, 1.0)
         stats = {"steps": steps, "seconds": t1 - t0, "first_run_seconds": (t_compiled - t0) if not self.started else 0.0}
         self.started = True
         return res, stats

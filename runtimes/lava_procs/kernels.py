@@ -2,7 +2,8 @@
 
 The NIR graph expresses everything but the attention products with standard ops (Affine/Conv2d/SumPool2d/LIF,
 summed edges), so the kernels are few: ``matmul`` (the products of two activations, per head), ``add`` (summed
-edges), ``reshape`` (Flatten) and ``mask`` (the per-timestep token schedule at ports).
+edges), ``reshape`` (Flatten), ``mask`` (the per-timestep token schedule at ports) and ``quantise`` (fixed point:
+the image, as integers, into the first synapse).
 
 A kernel is ``f(params, t, *inputs) -> output`` where ``t`` is the model timestep (0..T-1) the process is at.
 Kernels are stateless; neuron state lives in the ``Neuron`` process model.
@@ -40,6 +41,12 @@ def k_reshape(p, t, a):
     return _prep(a, p.get("a_reshape"), p.get("a_perm"), p.get("out_reshape"))
 
 
+def k_quantise(p, t, a):
+    """The identity: the fixed_pt model of the process rounds its output to ``out_grid`` (the input pixels to
+    integers, see runtimes.lava_runtime.INPUT_GRID)."""
+    return a
+
+
 def k_mask(p, t, a):
     m = _token_mask(p, t, a.ndim)
     return a if m is None else a * m
@@ -60,4 +67,5 @@ KERNELS = {
     "add": k_add,
     "reshape": k_reshape,
     "mask": k_mask,
+    "quantise": k_quantise,
 }

@@ -9,11 +9,19 @@
 - ``SynapseNeuron``: a Synapse feeding only one Neuron, fused (same timing, one process instead of two).
 - ``Op1`` / ``Op2``: combinational ops with one or two inputs (attention products, summed edges, reshapes, masks).
 - ``Delay``: an n-step delay line, to delay-match residual branches.
+
+Two process models per process: ``floating_pt`` (float64 ports, as above) and ``fixed_pt`` (what the worker selects
+with ``Loihi2SimCfg(select_tag="fixed_pt")``, beside Lava's bit-accurate ``Sparse`` / ``LIFReset`` models). A fixed
+model talks integers at every port, like the Loihi processes it sits between: input ``i`` arrives as integers in
+units of ``in_grids[i]`` (its value is ``int * in_grids[i]``), the model computes on those values exactly as the
+float model does (the spec builder put weights, biases and neuron state on power-of-two grids), and it sends
+``rint(y / out_grid)`` as int32. ``runtimes.lava_runtime`` (``_Builder._fixed_point``) sets both grids and
+documents the scaling at each boundary.
 """
 from __future__ import annotations
 
 import numpy as np
-from lava.magma.core.decorator import implements, requires
+from lava.magma.core.decorator import implements, requires, tag
 from lava.magma.core.model.py.model import PyLoihiProcessModel
 from lava.magma.core.model.py.ports import PyInPort, PyOutPort
 from lava.magma.core.model.py.type import LavaPyType
@@ -29,6 +37,42 @@ def _model_t(model) -> int:
     """Model timestep this process is at (see package docstring)."""
     p = model.proc_params
     return (model.time_step - 1 - p["lag"]) % p["T"]
+
+
+class _FloatIO:
+    """floating_pt: values travel as float64."""
+
+    def _x(self, i: int, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def _y(self, y: np.ndarray) -> np.ndarray:
+        return y
+
+
+class _FixedIO:
+    """fixed_pt: integers at every port; input i is in units of ``in_grids[i]``, the output in units of
+    ``out_grid`` (round to nearest; exact where the value lies on the grid)."""
+
+    def _x(self, i: int, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, dtype=np.float64) * self.proc_params["in_grids"][i]
+
+    def _y(self, y: np.ndarray) -> np.ndarray:
+        return np.rint(np.asarray(y, dtype=np.float64) / self.proc_params["out_grid"]).astype(np.int32)
+
+
+_FLOAT_OUT = LavaPyType(PyOutPort.VEC_DENSE, float)
+_INT_OUT = LavaPyType(PyOutPort.VEC_DENSE, np.int32, precision=24)
+
+
+def _models(proc, base, out: str):
+    """The floating_pt and fixed_pt process models of ``proc`` from one implementation ``base`` (run_spk reading
+    inputs through ``self._x`` and sending through ``self._y``), ``out`` the name of its OutPort."""
+    made = []
+    for io, tg, port in ((_FloatIO, "floating_pt", _FLOAT_OUT), (_FixedIO, "fixed_pt", _INT_OUT)):
+        name = base.__name__.lstrip("_") + ("Float" if io is _FloatIO else "Fixed")
+        cls = type(name, (io, base), {out: port, "__module__": base.__module__, "__qualname__": name})
+        made.append(tag(tg)(requires(CPU)(implements(proc=proc, protocol=LoihiProtocol)(cls))))
+    return made
 
 
 # --------------------------------------------------------------------------------------------- Synapse
@@ -49,19 +93,19 @@ class Synapse(AbstractProcess):
         self.a_out = OutPort(shape=tuple(out_shape))
 
 
-@implements(proc=Synapse, protocol=LoihiProtocol)
-@requires(CPU)
-class PySynapseModel(PyLoihiProcessModel):
+class _PySynapseModel(PyLoihiProcessModel):
     s_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, float)
-    a_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, float)
 
     def __init__(self, proc_params):
         super().__init__(proc_params)
         self._syn = _SynapseState(self.proc_params)
 
     def run_spk(self):
-        self.a_out.send(self._syn.output(_model_t(self)))
-        self._syn.receive(self.s_in.recv())
+        self.a_out.send(self._y(self._syn.output(_model_t(self))))
+        self._syn.receive(self._x(0, self.s_in.recv()))
+
+
+PySynapseModelFloat, PySynapseModelFixed = _models(Synapse, _PySynapseModel, "a_out")
 
 
 class _SynapseState:
@@ -115,18 +159,18 @@ class Neuron(AbstractProcess):
         self.s_out = OutPort(shape=tuple(shape))
 
 
-@implements(proc=Neuron, protocol=LoihiProtocol)
-@requires(CPU)
-class PyNeuronModel(PyLoihiProcessModel):
+class _PyNeuronModel(PyLoihiProcessModel):
     a_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, float)
-    s_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, float)
 
     def __init__(self, proc_params):
         super().__init__(proc_params)
         self._neu = _NeuronState(self.proc_params)
 
     def run_spk(self):
-        self.s_out.send(self._neu.step(self.a_in.recv(), _model_t(self)))
+        self.s_out.send(self._y(self._neu.step(self._x(0, self.a_in.recv()), _model_t(self))))
+
+
+PyNeuronModelFloat, PyNeuronModelFixed = _models(Neuron, _PyNeuronModel, "s_out")
 
 
 class _NeuronState:
@@ -174,11 +218,8 @@ class SynapseNeuron(AbstractProcess):
         self.s_out = OutPort(shape=tuple(neu["shape"]))
 
 
-@implements(proc=SynapseNeuron, protocol=LoihiProtocol)
-@requires(CPU)
-class PySynapseNeuronModel(PyLoihiProcessModel):
+class _PySynapseNeuronModel(PyLoihiProcessModel):
     s_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, float)
-    s_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, float)
 
     def __init__(self, proc_params):
         super().__init__(proc_params)
@@ -188,8 +229,11 @@ class PySynapseNeuronModel(PyLoihiProcessModel):
 
     def run_spk(self):
         t = _model_t(self)
-        self.s_out.send(self._neu.step(self._syn.output(t), t))
-        self._syn.receive(self.s_in.recv())
+        self.s_out.send(self._y(self._neu.step(self._syn.output(t), t)))
+        self._syn.receive(self._x(0, self.s_in.recv()))
+
+
+PySynapseNeuronModelFloat, PySynapseNeuronModelFixed = _models(SynapseNeuron, _PySynapseNeuronModel, "s_out")
 
 
 # ------------------------------------------------------------------------------------------ Op1 / Op2
@@ -205,18 +249,19 @@ class Op1(AbstractProcess):
         self.out = OutPort(shape=tuple(out_shape))
 
 
-@implements(proc=Op1, protocol=LoihiProtocol)
-@requires(CPU)
-class PyOp1Model(PyLoihiProcessModel):
+class _PyOp1Model(PyLoihiProcessModel):
     in0: PyInPort = LavaPyType(PyInPort.VEC_DENSE, float)
-    out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, float)
 
     def run_spk(self):
         p = self.proc_params
         t = _model_t(self)
-        y = np.asarray(KERNELS[p["kind"]](p["params"], t, self.in0.recv()), dtype=float).reshape(p["out_shape"])
+        y = np.asarray(KERNELS[p["kind"]](p["params"], t, self._x(0, self.in0.recv())), dtype=float)
+        y = y.reshape(p["out_shape"])
         m = _token_mask(p, t, y.ndim)
-        self.out.send(y if m is None else y * m)
+        self.out.send(self._y(y if m is None else y * m))
+
+
+PyOp1ModelFloat, PyOp1ModelFixed = _models(Op1, _PyOp1Model, "out")
 
 
 class Op2(AbstractProcess):
@@ -234,22 +279,22 @@ class Op2(AbstractProcess):
         self.out = OutPort(shape=tuple(out_shape))
 
 
-@implements(proc=Op2, protocol=LoihiProtocol)
-@requires(CPU)
-class PyOp2Model(PyLoihiProcessModel):
+class _PyOp2Model(PyLoihiProcessModel):
     in0: PyInPort = LavaPyType(PyInPort.VEC_DENSE, float)
     in1: PyInPort = LavaPyType(PyInPort.VEC_DENSE, float)
-    out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, float)
 
     def run_spk(self):
         p = self.proc_params
         t = _model_t(self)
-        y = KERNELS[p["kind"]](p["params"], t, self.in0.recv(), self.in1.recv())
+        y = KERNELS[p["kind"]](p["params"], t, self._x(0, self.in0.recv()), self._x(1, self.in1.recv()))
         y = np.asarray(y, dtype=float).reshape(p["out_shape"])
         if p["out_scale"] != 1.0:
             y = y * p["out_scale"]
         m = _token_mask(p, t, y.ndim)
-        self.out.send(y if m is None else y * m)
+        self.out.send(self._y(y if m is None else y * m))
+
+
+PyOp2ModelFloat, PyOp2ModelFixed = _models(Op2, _PyOp2Model, "out")
 
 
 # ----------------------------------------------------------------------------------------------- Delay
@@ -264,11 +309,8 @@ class Delay(AbstractProcess):
         self.out = OutPort(shape=tuple(shape))
 
 
-@implements(proc=Delay, protocol=LoihiProtocol)
-@requires(CPU)
-class PyDelayModel(PyLoihiProcessModel):
+class _PyDelayModel(PyLoihiProcessModel):
     in0: PyInPort = LavaPyType(PyInPort.VEC_DENSE, float)
-    out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, float)
 
     def __init__(self, proc_params):
         super().__init__(proc_params)
@@ -276,5 +318,8 @@ class PyDelayModel(PyLoihiProcessModel):
         self._buf = [np.zeros(p["shape"]) for _ in range(p["steps"])]
 
     def run_spk(self):
-        self.out.send(self._buf.pop(0))
-        self._buf.append(self.in0.recv())
+        self.out.send(self._y(self._buf.pop(0)))
+        self._buf.append(self._x(0, self.in0.recv()))
+
+
+PyDelayModelFloat, PyDelayModelFixed = _models(Delay, _PyDelayModel, "out")
