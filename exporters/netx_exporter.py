@@ -6,6 +6,9 @@ SDNN or RF neurons in fixed point. It has no residual sums, no pooling of our ki
 held: ``export(..., part="full")`` (the default) raises ``UnsupportedOpError`` naming every part netx cannot hold
 (the RPE residual, each block's attention product and residuals, the token masks, the head's mean over tokens).
 ``part="stem"`` writes the sequential prefix netx supports: the SPS stem convolutions and their LIF neurons.
+Both are lowerings of the core IR (``build_ir(model).transform(FoldBatchNorm())``): the refusal names every IR node
+netx cannot hold (a table {node type -> reason}, so a new attention kind needs nothing here), the stem is the IR's
+``stem.stages.{i}.conv`` / ``.lif`` nodes with their own kernel, stride and padding.
 
 File layout (as ``lava.lib.dl.netx.utils.NetDict`` reads it; every value a dataset)::
 
@@ -43,26 +46,32 @@ from stata_deploy.exporter_api import Exporter
 from stata_deploy.fileio import atomic_write_bytes
 from stata_deploy.pruning.masks import TokenMasks
 
-from exporters.nir_exporter import fold_bn, nir_threshold
+from exporters.nir_exporter import nir_threshold
+from stata_deploy.ir.build import build_ir
+from stata_deploy.ir.nodes import Add, Head, MaxPool, Neuron, Node, Product, Select, Tokens
+from stata_deploy.ir.passes import FoldBatchNorm
+
+# IR node type -> why netx cannot hold it (netx: a chain of input/dense/conv/flatten layers with CUBA neurons);
+# a node type not listed here (Input, Conv, TokenLinear, BatchNorm, a LIF Neuron) maps to netx layers
+_CANNOT = {
+    MaxPool: lambda n: "max-pool; netx 'pool' layers are not implemented",
+    Add: lambda n: "a residual sum: netx networks are sequential",
+    Tokens: lambda n: "the anchor token (a constant token prepended to the sequence)" if n.anchor else None,
+    Product: lambda n: f"a product of two activations ({n.kind})",
+    Neuron: lambda n: None if n.kind == "lif" else f"a {n.kind} neuron (netx has CUBA neurons only)",
+    Select: lambda n: "token selection (per-timestep token schedules)",
+    Head: lambda n: "the mean over tokens before the classifier",
+}
 
 
-def unsupported_parts(model, masks: TokenMasks | None) -> list[str]:
-    """What netx cannot hold, in forward order (empty: the whole model fits)."""
-    cfg = model.cfg
-    parts = [f"stem.stages.{i}.pool (max-pool; netx 'pool' layers are not implemented)"
-             for i, st in enumerate(model.stem.stages) if st.pool is not None]
-    parts.append("stem.rpe (residual sum x + RPE(x): netx networks are sequential)")
-    if cfg.anchor:
-        parts.append("anchor token (a constant token prepended to the sequence)")
-    names = {"ssa": "SSA: (Q K^T) V, a product of two activations", "sdsa": "SDSA: Q * sum(K * V), Hadamard products",
-             "a2os2a": "A2OS2A: Q (K^T V), a product of two activations with ReLU/ternary neurons"}
-    for i in range(cfg.depth):
-        parts.append(f"blocks.{i}.attn ({names[cfg.attention]})")
-        parts.append(f"blocks.{i} residual sums")
-    if masks is not None:
-        parts.append(f"token masks at sites {sorted(masks.sites)} (per-timestep token schedules)")
-    parts.append("head (mean over tokens before the classifier)")
-    return parts
+def unsupported_parts(graph) -> list[str]:
+    """What netx cannot hold, in forward order, one line per IR node (empty: the whole graph fits)."""
+    out = []
+    for node in graph:
+        why = _CANNOT.get(type(node), lambda n: None)(node)
+        if why:
+            out.append(f"{node.name} ({why})")
+    return out
 
 
 def _neuron(g, lif: dict) -> None:
@@ -75,21 +84,32 @@ def _neuron(g, lif: dict) -> None:
     n.create_dataset("gradedSpike", data=np.bool_(False))
 
 
-def stem_layer(stage, in_grid: float | None) -> dict:
-    """One stem stage (conv + BN + LIF) in Loihi's integers (``stata_deploy.loihi_fixed``, as the Lava runtime's
-    fixed point): weight (Co, Ci, kh, kw) int, bias (Co,) int in netx's units (<< 6), the LIF's parameters, the
-    report. Refuses a layer that needs a weight exponent (netx's Conv applies none)."""
-    w, b = fold_bn(stage.conv.conv.weight, stage.conv.conv.bias, stage.conv.bn)
-    tau, v_thr = float(stage.lif.tau), float(nir_threshold(float(stage.lif.v_th)))
+def stem_layer(conv: Node, lif: Node, in_grid: float | None) -> dict:
+    """One stem stage (an IR Conv with its BatchNorm folded, and its LIF Neuron) in Loihi's integers
+    (``stata_deploy.loihi_fixed``, as the Lava runtime's fixed point): weight (Co, Ci, kh, kw) int, bias (Co,) int in
+    netx's units (<< 6), the LIF's parameters, the report. Refuses a layer that needs a weight exponent (netx's Conv
+    applies none)."""
+    w = conv.weight.astype(np.float64)
+    b = conv.bias.astype(np.float64) if conv.bias is not None else np.zeros(w.shape[0])
+    tau, v_thr = float(lif.tau), float(nir_threshold(float(lif.v_th)))
     c = 1.0 / tau  # r = 1: the membrane takes X / tau
     sc = loihi_fixed.layer_scale(w * c, v_thr, in_grid, netx=True)
     if sc["weight_exp"] != 0:
         raise UnsupportedOpError(f"netx: this stem layer needs a weight exponent {sc['weight_exp']} (its weights are "
                                  "tiny next to its threshold); lava-dl's Conv applies none")
-    lif, rep = loihi_fixed.lif_params(sc["q"], b * c, v_thr, tau)
-    bias = np.asarray(lif["bias_mant"], dtype=np.int64) << (lif["bias_exp"] - loihi_fixed.BIAS_EXP)
-    return dict(weight=loihi_fixed.quantise_weights(w * c, sc), bias=bias, lif=lif, in_grid=sc["in_grid"],
-                report=dict(sign_mode=sc["mode"], weight_scale=sc["g"], **rep))
+    lif_p, rep = loihi_fixed.lif_params(sc["q"], b * c, v_thr, tau)
+    bias = np.asarray(lif_p["bias_mant"], dtype=np.int64) << (lif_p["bias_exp"] - loihi_fixed.BIAS_EXP)
+    return dict(weight=loihi_fixed.quantise_weights(w * c, sc), bias=bias, lif=lif_p, in_grid=sc["in_grid"],
+                kernel=conv.kernel, stride=conv.stride, padding=conv.padding, report=dict(sign_mode=sc["mode"], weight_scale=sc["g"], **rep))
+
+
+def _stem_stages(graph) -> list[tuple[Node, Node]]:
+    """(Conv, LIF Neuron) of every SPS stem stage, in order (the BatchNorm already folded into the Conv)."""
+    stages, i, names = [], 0, {n.name for n in graph}
+    while f"stem.stages.{i}.conv" in names:
+        stages.append((graph.node(f"stem.stages.{i}.conv"), graph.node(f"stem.stages.{i}.lif")))
+        i += 1
+    return stages
 
 
 class NetxExporter(Exporter):
@@ -104,20 +124,20 @@ class NetxExporter(Exporter):
         if part not in ("full", "stem"):
             raise StataError(f"netx export part must be 'full' or 'stem', got {part!r}")
         cfg = model.cfg
+        graph = build_ir(model).transform(FoldBatchNorm())
         if part == "full":
             raise UnsupportedOpError(
                 "netx (lava-dl) holds sequential conv/dense/flatten networks with CUBA neurons only; it cannot hold: "
-                + "; ".join(unsupported_parts(model, masks))
+                + "; ".join(unsupported_parts(graph))
+                + (f"; token masks at sites {sorted(masks.sites)} (per-timestep token schedules)" if masks else "")
                 + ". Use --part stem (part='stem') for the sequential SPS stem, or export to NIR for the whole model")
-        pools = [f"stem.stages.{i}.pool" for i, st in enumerate(model.stem.stages) if st.pool is not None]
+        pools = [n.name for n in graph if isinstance(n, MaxPool) and n.name.startswith("stem.stages.")]
         if pools:
             raise UnsupportedOpError(f"netx cannot hold {', '.join(pools)} (netx 'pool' layers are not "
                                      "implemented); a stem without pooling (pool_stages=0) exports")
         out = Path(out)
         layers, quant = [], {}
-        stages = []
-        for i, st in enumerate(model.stem.stages):
-            stages.append(stem_layer(st, None if i == 0 else 1.0))
+        stages = [stem_layer(conv, lif, None if i == 0 else 1.0) for i, (conv, lif) in enumerate(_stem_stages(graph))]
         in_scale = 1.0 / stages[0]["in_grid"]
         in_bits = int(np.log2(in_scale)) + 1  # pixels in [0, 1] -> integers 0 .. 2^k
         buf = io.BytesIO()  # h5py writes into memory; stata_deploy.fileio writes the bytes atomically
@@ -133,14 +153,15 @@ class NetxExporter(Exporter):
             g0.create_dataset("shape", data=np.array([cfg.in_channels, cfg.img_size, cfg.img_size]))
             layers.append("input")
             H = cfg.img_size
-            for i, (st, q) in enumerate(zip(model.stem.stages, stages)):
+            for i, q in enumerate(stages):
+                H = (H + 2 * q["padding"] - q["kernel"]) // q["stride"] + 1
                 gi = L.create_group(str(i + 1))
                 gi.create_dataset("type", data=np.array([b"conv"]))
                 gi.create_dataset("shape", data=np.array([q["weight"].shape[0], H, H]))
                 gi.create_dataset("weight", data=q["weight"].astype(np.int16))
                 gi.create_dataset("bias", data=q["bias"].astype(np.int32))
-                gi.create_dataset("stride", data=np.array([1, 1]))
-                gi.create_dataset("padding", data=np.array([1, 1]))
+                gi.create_dataset("stride", data=np.array([q["stride"]] * 2))
+                gi.create_dataset("padding", data=np.array([q["padding"]] * 2))
                 gi.create_dataset("dilation", data=np.array([1, 1]))
                 gi.create_dataset("groups", data=np.int64(1))
                 _neuron(gi, q["lif"])
@@ -154,7 +175,7 @@ class NetxExporter(Exporter):
             "input_scale": in_scale,
             "input_message_bits": in_bits,
             "quantisation": quant,
-            "not_exported": unsupported_parts(model, masks),
+            "not_exported": unsupported_parts(graph),
             "notes": ["only the SPS stem is exported (netx networks are sequential)",
                       "the integers of the Lava runtime's --precision fixed (stata_deploy.loihi_fixed)",
                       f"the image enters as graded spikes round(x * {in_scale:g}) into the first conv "

@@ -20,7 +20,8 @@ def test_export_netx_names_every_part_it_cannot_hold(base_run, tmp_path):
     assert r.exit_code == 2 and not out.exists()
     err = [l for l in r.output.splitlines() if l.startswith("error:")]
     assert len(err) == 1
-    for part in ("stem.rpe", "blocks.0.attn", "blocks.1 residual sums", "head", "--part stem"):
+    for part in ("stem.rpe_residual (a residual sum", "blocks.0.attn.qk (a product of two activations (qk))",
+                 "blocks.1.mlp_residual", "head (the mean over tokens", "--part stem"):
         assert part in err[0], part
     r = CliRunner().invoke(main, ["export", str(base_run), "--to", "onnx", "--part", "stem", "--out", str(tmp_path / "a.onnx")])
     assert r.exit_code == 2 and "--part does not apply" in r.output
