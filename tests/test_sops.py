@@ -165,7 +165,7 @@ def _scorer_oracle(method, x, info, B):
     att = float((qb[:, :, :, :1] @ kb).sum())  # q_anchor @ k^T per head
     if method == "stata":  # _tie_break(anchor_row(), x): mean over heads; |x| over channels, scaled, added per t
         return T * B * H * n + nz(x) + 2 * T * B * n, att
-    if method == "anchor":  # _tie_break(anchor_row().mean(0), x.mean(0)): score mean, x mean, |x̄| once, tie-break once
+    if method == "anchor":  # _tie_break(anchor_row().mean(0), x.mean(0)): score and x means; |x̄|, tie-break once
         return T * B * H * n + T * B * n + nz(x) + nz(x.mean(0)) + 2 * B * n, att
     raise AssertionError(f"no oracle for scorer {method!r}: write out what it computes")
 

@@ -1,7 +1,7 @@
 """The SOP counter as a lowering of the IR: ``count(graph, result) -> OpsReport``.
 
-The counting conventions are in stata_deploy/energy/counter.py's module doc. The graph is walked once in order; one small
-function per node type (``COUNTS``) computes that node's value in the counter's layout from its inputs' values and
+The counting conventions are in stata_deploy/energy/counter.py's module doc. The graph is walked once in order; one
+small function per node type (``COUNTS``) computes that node's value in the counter's layout from its inputs' values and
 adds its LayerOps. Neuron outputs are not computed but read from the run (``RunResult.spikes``, key = node name),
 the kept tokens of each pruning site from ``RunResult.kept``. Values are torch tensors (T, B, ...):
 
@@ -282,7 +282,8 @@ def _check_schedule(c: _Count, node: Select, g: torch.Tensor) -> None:
         if bool(bad.any()):
             b = int(bad.nonzero()[0, 0])
             raise CountError(f"site {node.site}: the run kept tokens {g[t, b].tolist()} at timestep {t} (sample {b}), "
-                             f"its static mask keeps {want[t].tolist()}: the run did not use the masks it is counted with")
+                             f"its static mask keeps {want[t].tolist()}: the run did not use the masks it is counted "
+                             "with")
 
 
 def _select(c: _Count, node: Select, x, scores=None):
