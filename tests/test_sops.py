@@ -20,7 +20,7 @@ from stata_deploy.testing import liven_batchnorm, random_timestep_masks
 # ------------------------------------------------------------------------------------------- hand-built
 def _tiny_cfg(**kw):
     # dim 8, 1 head, 1 block, 2x2 image -> 4 tokens, T=1: small enough to write every spike by hand
-    return make_config("spikformer-tiny", dim=8, heads=1, depth=1, T=1, img_size=2, **kw)
+    return make_config("spikformer-tiny", **{**dict(dim=8, heads=1, depth=1, T=1, img_size=2), **kw})
 
 
 def _hand_result(cfg, q, k, v, attn, proj, fc1, fc2, stem_last, rpe, pixels):
@@ -66,7 +66,8 @@ def test_exact_counts_linear_and_ssa_by_hand():
     fc1 = np.zeros((N, d * 4), np.float32)
     fc1[1, :5] = 1  # 5 spikes -> fc2: 5 * 8 = 40 ACs
     fc2 = np.zeros((N, d), np.float32)
-    fc2[2, 0] = 1  # head pool: |x| sum over tokens = 5 + 1 = 6 ACs; head input nonzero channels: {0, 1, 3} -> 30 MACs
+    fc2[2, 0] = 1  # head pool: one AC per non-zero term of the token sum: (t0, c0) = 2, (t0, c1), (t3, c3) = 2,
+    # (t2, c0) -> 4 ACs (not 2 + 1 + 2 + 1 = 6: adding a 2 is one add); head input nonzero channels {0, 1, 3} -> 30 MACs
     pixels = np.zeros((1, 2, 2), np.float32)
     pixels[0, 0, 0] = 0.5  # one real pixel: reaches all 4 outputs of a 2x2 3x3 conv -> 4 positions x 1 channel = 4 MACs
     r = count_ops(cfg, _hand_result(cfg, q, k, v, attn, proj, fc1, fc2, stem_last, rpe, pixels))
@@ -82,13 +83,13 @@ def test_exact_counts_linear_and_ssa_by_hand():
     assert L("blocks.0.attn.proj").acs == 16
     assert L("blocks.0.mlp.fc1").acs == 160
     assert L("blocks.0.mlp.fc2").acs == 40
-    assert L("head.pool").acs == 6
+    assert L("head.pool").acs == 4
     assert L("head").macs == 30
     assert L("blocks.0.attn.q").spikes == 4 and L("blocks.0.attn.q").neuron_updates == N * d
     assert L("blocks.0.attn.q").firing_rate == 4 / 32
     assert L("blocks.0.mlp.fc1").neuron_updates == N * d * 4
     assert r.attention_ops == 13
-    assert r.acs == 96 + 3 * 32 + 16 + 160 + 40 + 6
+    assert r.acs == 96 + 3 * 32 + 16 + 160 + 40 + 4
     assert r.sops == r.acs + r.macs + r.attention_ops
 
 
@@ -131,10 +132,49 @@ def test_exact_counts_sdsa_and_a2os2a_by_hand():
     assert r.layer("blocks.0.attn.k").spikes == 3  # non-zero ReLU outputs
 
 
+def test_max_pool_compares_count_real_inputs_only():
+    """3x3 / stride 2 / padding 1 max-pool: a window compares its real inputs only (padding never competes).
+    Along one axis of 8 inputs the 4 windows cover 2, 3, 3, 3 real inputs; of 4 inputs, 2 windows cover 2, 3."""
+    cfg = _tiny_cfg(T=2, img_size=8, pool_stages=2)  # stage 2: (4, 8, 8) -> (4, 4, 4); stage 3: (8, 4, 4) -> (8, 2, 2)
+    torch.manual_seed(0)
+    r = count_ops(cfg, run_torch(build_model(cfg), torch.rand(3, 1, 8, 8)))
+    per_map_8 = sum(a * b - 1 for a in (2, 3, 3, 3) for b in (2, 3, 3, 3))  # 3 + 5 * 6 + 8 * 9 = 105 (not 16 * 8)
+    per_map_4 = sum(a * b - 1 for a in (2, 3) for b in (2, 3))  # 3 + 5 + 5 + 8 = 21 (not 4 * 8)
+    assert (per_map_8, per_map_4) == (105, 21)
+    assert r.layer("stem.stages.2.pool").compares == per_map_8 * 4 * cfg.T  # per inference: x channels x T
+    assert r.layer("stem.stages.3.pool").compares == per_map_4 * 8 * cfg.T
+    assert r.compares == (105 * 4 + 21 * 8) * cfg.T  # unpruned: no scorer compares
+
+
 # --------------------------------------------------------------------------- the torch-hook oracle
-def _oracle(model, x, masks=None):
+def _scorer_oracle(method, x, info, B):
+    """What the model's scorer computes on its real input x (T, B, n, D) (anchor row and all) -> (acs, attention
+    acs) summed over the batch, straight from pruning/scorers.py; None for a method not written out here (tp)."""
+    T, _, n, _ = x.shape
+    nz = lambda a: float((a != 0).sum())
+    if method == "tp":
+        return None
+    if method == "random":
+        return 0.0, 0.0
+    if method == "l1":  # x.abs().sum(-1).mean(0)
+        return nz(x) + T * B * n, 0.0
+    H = info.q.shape[2]
+    qb, kb = (info.q != 0).double(), (info.k != 0).double().transpose(-1, -2)
+    if method == "ssa":  # (q.mean(queries) @ k^T).mean(heads) * scale, .mean(0)
+        return nz(info.q) + T * B * H * n + T * B * n, float(((info.q.sum(3, keepdim=True) != 0).double() @ kb).sum())
+    att = float((qb[:, :, :, :1] @ kb).sum())  # q_anchor @ k^T per head
+    if method == "stata":  # _tie_break(anchor_row(), x): mean over heads; |x| over channels, scaled, added per t
+        return T * B * H * n + nz(x) + 2 * T * B * n, att
+    if method == "anchor":  # _tie_break(anchor_row().mean(0), x.mean(0)): score and x means; |x̄|, tie-break once
+        return T * B * H * n + T * B * n + nz(x) + nz(x.mean(0)) + 2 * B * n, att
+    raise AssertionError(f"no oracle for scorer {method!r}: write out what it computes")
+
+
+def _oracle(model, x, masks=None, monkeypatch=None):
     """Per-module counts from forward hooks on the real inputs: Conv/Linear value-weighted ACs (integer rows) or
-    non-zero MACs (real rows), unweighted events, and attention pairs of MatMul/Hadamard/TokenSum."""
+    non-zero MACs (real rows), unweighted events, attention pairs of MatMul/Hadamard/TokenSum, max-pool compares
+    (real inputs per window - 1, from unfold of a ones map), the head's token sum (non-zero terms of the stream the
+    head reads) and, with ``monkeypatch``, each scorer's counts from the (x, info) the model hands it."""
     out = {}
     hooks = []
 
@@ -169,6 +209,13 @@ def _oracle(model, x, masks=None):
             out[name] = dict(attention_ops=n)
         return f
 
+    def pool_hook(name):
+        def f(mod, inp, o):
+            x = inp[0]  # (TB, C, H, W)
+            real = F.unfold(torch.ones(1, 1, *x.shape[-2:]), mod.kernel_size, padding=mod.padding, stride=mod.stride)
+            out[name] = dict(compares=float((real.sum(1) - 1).sum()) * x.shape[0] * x.shape[1])
+        return f
+
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Conv2d):
             hooks.append(m.register_forward_hook(conv_hook(name.rsplit(".conv", 1)[0] if name.endswith(".conv") else name)))
@@ -176,35 +223,68 @@ def _oracle(model, x, masks=None):
             hooks.append(m.register_forward_hook(linear_hook(name.rsplit(".linear", 1)[0])))
         elif isinstance(m, (MatMul, Hadamard, TokenSum)):
             hooks.append(m.register_forward_hook(att_hook(name)))
+        elif isinstance(m, torch.nn.MaxPool2d):
+            hooks.append(m.register_forward_hook(pool_hook(name.rsplit(".pool", 1)[0])))  # stages.i.pool
+    scored = []
+    if monkeypatch is not None:
+        finish, get = type(model)._finish, SCORERS.get
+
+        def finish_hook(self, x, n_fixed, *a):  # the stream the head's token mean reads
+            out["head.pool"] = dict(acs=float((x[:, :, n_fixed:] != 0).sum()))
+            return finish(self, x, n_fixed, *a)
+
+        def get_hook(name):
+            fn = get(name)
+
+            def scorer(x, info, **kw):
+                scored.append((name, x.detach().clone(), info))
+                return fn(x, info, **kw)
+            return scorer
+
+        monkeypatch.setattr(type(model), "_finish", finish_hook)
+        monkeypatch.setattr(SCORERS, "get", get_hook)
     try:
         res = run_torch(model, x, masks=masks)
     finally:
         for h in hooks:
             h.remove()
+        if monkeypatch is not None:
+            monkeypatch.undo()
+    for site, (method, sx, info) in zip(sorted(res.kept), scored):  # one scorer call per site, in block order
+        o = _scorer_oracle(method, sx, info, x.shape[0])
+        if o is not None:
+            out[f"blocks.{site}.scorer"] = dict(acs=o[0], attention_acs=o[1])
     return res, out
 
 
-CASES = [  # (attention, prune, static masks)
-    ("ssa", dict(method="none"), False),
-    ("ssa", dict(method="stata", keep=0.5), False),
-    ("ssa", dict(method="stata", keep=0.5), True),
-    ("ssa", dict(method="tp", keep=0.5), False),
-    ("ssa", dict(method="tp", keep=0.5), True),
-    ("sdsa", dict(method="stata", keep=0.3), True),
-    ("sdsa", dict(method="l1", keep=0.5), False),
-    ("a2os2a", dict(method="anchor", keep=0.5), False),
-    ("a2os2a", dict(method="ssa", keep=0.4), False),
+CASES = [  # (attention, prune, static masks, extra config)
+    ("ssa", dict(method="none"), False, {}),
+    ("ssa", dict(method="none"), False, dict(pool_stages=2)),  # max-pools in the stem
+    ("ssa", dict(method="stata", keep=0.5), False, {}),
+    ("ssa", dict(method="stata", keep=0.5), False, dict(pool_stages=1)),
+    ("ssa", dict(method="stata", keep=0.5), True, {}),
+    ("ssa", dict(method="tp", keep=0.5), False, {}),
+    ("ssa", dict(method="tp", keep=0.5), True, {}),
+    ("sdsa", dict(method="stata", keep=0.3), True, {}),
+    ("sdsa", dict(method="l1", keep=0.5), False, {}),
+    ("ssa", dict(method="l1", keep=0.5), False, dict(anchor=True)),  # l1 scores the anchor row too
+    ("ssa", dict(method="ssa", keep=0.5), False, dict(anchor=True)),
+    ("a2os2a", dict(method="anchor", keep=0.5), False, {}),
+    ("a2os2a", dict(method="ssa", keep=0.4), False, {}),
 ]
-CASES += [(a, dict(method=m, keep=0.5) if m != "none" else dict(method=m), False)  # every registered kind x scorer
+CASES += [(a, dict(method=m, keep=0.5) if m != "none" else dict(method=m), False, {})  # every kind x scorer
           for a in ATTENTIONS.names() for m in ["none"] + SCORERS.names()
-          if not any(c[0] == a and c[1]["method"] == m and not c[2] for c in CASES)]
+          if not any(c[0] == a and c[1]["method"] == m and not c[2] and not c[3] for c in CASES)]
 
 
-@pytest.mark.parametrize("attention,prune,static", CASES,
-                         ids=[f"{a}-{p['method']}-{'static' if s else 'dynamic'}" for a, p, s in CASES])
-def test_counts_match_forward_hooks(attention, prune, static):
+def _case_id(a, p, s, extra):
+    return "-".join([a, p["method"], "static" if s else "dynamic", *(f"{k}{v}" for k, v in extra.items())])
+
+
+@pytest.mark.parametrize("attention,prune,static,extra", CASES, ids=[_case_id(*c) for c in CASES])
+def test_counts_match_forward_hooks(attention, prune, static, extra, monkeypatch):
     torch.manual_seed(1)
-    cfg = make_config("spikformer-tiny", attention=attention, depth=3, T=3, prune=PruneConfig(**prune))
+    cfg = make_config("spikformer-tiny", attention=attention, depth=3, T=3, prune=PruneConfig(**prune), **extra)
     model = build_model(cfg).eval()
     with torch.no_grad():  # livelier spikes than the init: most layers fire at 30-60 %
         for m in model.modules():
@@ -213,7 +293,7 @@ def test_counts_match_forward_hooks(attention, prune, static):
                 m.bias.uniform_(0.0, 2.5)
     x = torch.rand(2, 1, 8, 8)
     masks = calibrate_masks(model, [torch.rand(4, 1, 8, 8)]) if static else None
-    res, oracle = _oracle(model, x, masks)
+    res, oracle = _oracle(model, x, masks, monkeypatch)
     rep = count_ops(cfg, res, masks)
     B = x.shape[0]
     for name, o in oracle.items():
@@ -221,8 +301,12 @@ def test_counts_match_forward_hooks(attention, prune, static):
         for f, v in o.items():
             assert getattr(lo, f) * B == pytest.approx(v, abs=1e-6), (name, f)
     n_att = sum(isinstance(m, (MatMul, Hadamard, TokenSum)) for m in model.blocks[0].attn.modules())
-    assert len(oracle) == 5 + cfg.depth * (6 + n_att) + 1  # 5 stem convs, 6 Linears + products per block, head
+    n_scored = 0 if static or prune["method"] in ("none", "tp") else len(res.kept)  # tp's scorer: not written out
+    assert len(oracle) == 5 + cfg.pool_stages + cfg.depth * (6 + n_att) + 2 + n_scored  # + head and head.pool
     assert oracle["blocks.2.mlp.fc1"]["events"] > 0 and oracle["blocks.2.attn.proj"]["acs"] > 0
+    assert oracle["head.pool"]["acs"] > 0
+    if cfg.anchor and n_scored:  # the anchor row is scored: D real terms in the activity (l1 / stata / anchor)
+        assert rep.layer(f"blocks.{min(res.kept)}.scorer").acs > 0
     # every neuron layer's updates and spikes
     for name, s in res.spikes.items():
         lo = [l for l in rep.layers if l.neuron == name]
@@ -235,6 +319,30 @@ def test_counts_match_forward_hooks(attention, prune, static):
         k_last = res.spikes["blocks.2.mlp.fc1_lif"].shape[2]
         assert k_last < cfg.num_tokens
     assert rep.neuron_updates > 0 and 0 < rep.firing_rate < 1
+
+
+def test_anchor_row_is_in_the_scorer_activity_by_hand():
+    """The tie-break's activity |x| over channels covers every row the model scores, the anchor's D real entries
+    too. STATA, T=1, B=1, 1 head, 5 rows (anchor + 4 tokens): written out from pruning/scorers.py."""
+    cfg = make_config("spikformer-tiny", dim=8, heads=1, depth=2, T=1, img_size=2,
+                      prune=PruneConfig(method="stata", keep=0.5, sites=(1,)))
+    torch.manual_seed(0)
+    model = liven_batchnorm(build_model(cfg).eval(), 0)
+    x = torch.rand(1, 1, 2, 2)
+    res = run_torch(model, x)
+    r = count_ops(cfg, res)
+    n, D = 5, cfg.dim
+    sp = {k: torch.from_numpy(v) for k, v in res.spikes.items()}
+    img = (sp["stem.stages.3.lif"] + sp["stem.rpe_lif"]).flatten(3).transpose(2, 3)  # (T, B, 4, D) tokens
+    img = img + sp["blocks.0.attn.proj_lif"][:, :, 1:] + sp["blocks.0.mlp.fc2_lif"][:, :, 1:]  # block 0's adds
+    image_terms = int((img != 0).sum())  # the 4 image rows' non-zero entries; the anchor row: D real entries
+    q, k = res.spikes["blocks.0.attn.q_lif"], res.spikes["blocks.0.attn.k_lif"]  # (1, 1, 5, D)
+    pairs = int(((q[0, 0, :1] != 0).astype(int) @ (k[0, 0] != 0).astype(int).T).sum())
+    lo = r.layer("blocks.1.scorer")
+    assert lo.attention_acs == pairs
+    # mean over 1 head: n; activity: image rows' non-zeros + the anchor's D; scale and add: 2 per row
+    assert lo.acs == n + image_terms + D + 2 * n
+    assert lo.compares == 4 * 2  # top-2 of 4 image rows: 4 x ceil(log2(3))
 
 
 def test_idle_updates_for_timestep_wise_tokens():
@@ -279,57 +387,44 @@ def test_pruning_reduces_ops_and_merge_and_errors():
         count_ops(pcfg, res)
 
 
-# ------------------------------------------------------------- the IR counter equals today's counter (issue 13)
-def _variants():
-    """(pruning method, how the run is pruned): every registered scorer, dynamic and with calibrated masks."""
-    yield "none", "unpruned"
-    yield "none", "random-masks"  # an unpruned model run with per-timestep masks (what the Lava tests run)
-    for method in SCORERS.names():
-        yield method, "dynamic"
-        yield method, "calibrated"
-    yield "stata", "random-masks"  # per-timestep masks, time-varying for every site token
-
-
-EQUAL_CASES = [(a, m, v) for a in ATTENTIONS.names() for m, v in _variants()]
-
-
-def assert_same_report(got: OpsReport, want: OpsReport):
-    """Every layer: name, kind, neuron, fan-out, the same per-timestep counts (same keys) and events (1e-9 rel)."""
-    assert (got.samples, got.T) == (want.samples, want.T)
-    assert [l.name for l in got.layers] == [l.name for l in want.layers]
-    for g, w in zip(got.layers, want.layers):
-        assert (g.kind, g.neuron, g.fan_out) == (w.kind, w.neuron, w.fan_out), g.name
-        assert list(g.counts_t) == list(w.counts_t), g.name
-        for f in w.counts_t:
-            np.testing.assert_allclose(g.counts_t[f], w.counts_t[f], rtol=1e-9, atol=0, err_msg=f"{g.name} {f}")
-        assert (g.events_t is None) == (w.events_t is None), g.name
-        if w.events_t is not None:
-            np.testing.assert_allclose(g.events_t, w.events_t, rtol=1e-9, atol=0, err_msg=f"{g.name} events")
-    assert got.sops == pytest.approx(want.sops, rel=1e-9) and got.counts() == pytest.approx(want.counts(), rel=1e-9)
-
-
-@pytest.mark.parametrize("attention,method,variant", EQUAL_CASES, ids=[f"{a}-{m}-{v}" for a, m, v in EQUAL_CASES])
-def test_ir_counter_equals_the_frozen_reference(attention, method, variant, digits):
-    """Lively 5-block models (stata: sites 1 and 4; tp: every block from 1) on 8 digits images."""
-    import _sops_reference as frozen
-
-    if attention not in frozen.ATTENTIONS or method not in frozen.METHODS:
-        pytest.skip(f"{attention}/{method} is newer than the frozen reference; the forward-hook oracle covers it")
-    prune = PruneConfig(method=method, keep=0.5) if method != "none" else PruneConfig()
-    anchor = variant in ("dynamic", "random-masks")  # (stata and anchor always have one)
+# --------------------------------------------------------------- kept positions vs the static masks counted with
+def test_kept_positions_must_match_the_static_masks():
+    """Counting a run with static masks checks RunResult.kept against the masks at every site and timestep."""
     torch.manual_seed(0)
-    cfg = make_config("spikformer-tiny", attention=attention, depth=5, anchor=anchor, prune=prune)
+    cfg = make_config("spikformer-tiny", depth=3, anchor=True)
     model = liven_batchnorm(build_model(cfg).eval(), 0)
-    x = torch.as_tensor(digits.x_test[:8])
-    masks = None
-    if variant == "calibrated":
-        masks = calibrate_masks(model, [torch.as_tensor(digits.x_test[8:40])])
-    elif variant == "random-masks":
-        masks = random_timestep_masks(cfg, 1, 0.5, 0)
+    x = torch.rand(2, 1, 8, 8)
+    masks = random_timestep_masks(cfg, 1, 0.5, 0)
     res = run_torch(model, x, masks)
-    want = frozen.count_ops_reference(cfg, res, masks)
-    assert want.sops > 0 and (variant == "unpruned" or len(res.kept) > 0)
-    assert_same_report(count_ops(cfg, res, masks), want)  # the IR counter (stata_deploy/ir/count.py)
+    assert count_ops(cfg, res, masks).sops > 0  # the run's own masks: fine
+    other = random_timestep_masks(cfg, 1, 0.5, 1)  # same site and k, other tokens
+    assert (other.sites[1] != masks.sites[1]).any()
+    with pytest.raises(CountError, match=r"site 1: the run kept tokens .* at timestep \d+ \(sample 0\)"):
+        count_ops(cfg, res, other)
+    res.kept[1] = res.kept[1].copy()
+    t, b = 2, 1  # one sample, one timestep: a kept image token replaced by one the mask drops there
+    dropped = int(np.flatnonzero(~masks.sites[1][t])[0])
+    res.kept[1][t, b, -1] = dropped
+    res.kept[1][t, b] = np.sort(res.kept[1][t, b])
+    with pytest.raises(CountError, match=rf"site 1: the run kept tokens .* at timestep {t} \(sample {b}\)"):
+        count_ops(cfg, res, masks)
+    res.kept[1] = res.kept[1][:, :, :-1]  # one token fewer per timestep
+    with pytest.raises(CountError, match=r"site 1: the run kept \d+ tokens per timestep, its static mask keeps"):
+        count_ops(cfg, res, masks)
+
+
+def test_kept_positions_must_match_calibrated_skip_masks():
+    """TP (skip mode) with calibrated masks: the block's selection must be the mask's as well."""
+    torch.manual_seed(0)
+    cfg = make_config("spikformer-tiny", depth=3, prune=PruneConfig(method="tp", keep=0.5))
+    model = liven_batchnorm(build_model(cfg).eval(), 0)
+    masks = calibrate_masks(model, [torch.rand(4, 1, 8, 8)])
+    res = run_torch(model, torch.rand(2, 1, 8, 8), masks)
+    assert count_ops(cfg, res, masks).sops > 0
+    site = max(res.kept)
+    res.kept[site] = np.roll(res.kept[site], 1, axis=-1)  # same tokens, not in ascending order
+    with pytest.raises(CountError, match=rf"site {site}: the run kept tokens"):
+        count_ops(cfg, res, masks)
 
 
 def test_idle_updates_are_those_of_the_graph_after_drop_never_kept():

@@ -23,6 +23,11 @@ Conventions (all counts are per inference = summed over the batch, divided by th
   the classifier head (its input is the token mean).
 * ``events``: ``nonzero(x) x fan-out`` for every Conv/Linear regardless of the value: what NeuroBench calls
   Effective_ACs + Effective_MACs. It differs from ``acs + macs`` only where residual integers > 1 are weighted.
+* **Sums without weights** (token sums and means, channel sums, activity ``|x|.sum(-1)``, the head's token mean):
+  one AC per non-zero term, whatever its value. Adding an integer 2 to an accumulator is one add; the value
+  weighting above belongs to synaptic layers only, where an input 2 means the weight is accumulated twice (two
+  spikes at the same synapses, what spiking hardware does). A real-valued row (the anchor) has all D terms
+  non-zero. So SDSA's token sum, TP's means and sums, the scorers' activity and ``head.pool`` count alike.
 * **Attention products** (``attention_acs`` / ``attention_macs``, sum = ``attention_ops``): for a product of two
   activations ``A @ B`` the count is the number of non-trivial products, i.e. index triples (i, k, j) with
   ``A[i, k] != 0`` and ``B[k, j] != 0`` (for binary x binary: the pairs of coincident spikes); for an elementwise
@@ -37,12 +42,23 @@ Conventions (all counts are per inference = summed over the batch, divided by th
   (Loihi's "inactive" update). **Spikes**: non-zero outputs (|±1| for ternary neurons; non-zero for the ReLU
   "neuron"). ``firing_rate = spikes / neuron_updates``.
 * **Scorers** (dynamic pruning only; static masks need none): a layer ``blocks.{i}.scorer`` holds what the scorer
-  computes — STATA/AT: the anchor row ``Q_0 K^T`` per head (attention ACs, recomputed even where SSA's ``Q K^T``
-  already holds it), the mean over heads (and over T for AT) as ACs; TP: channel and time means, the temporal
+  computes, over the rows the model scores (pruning.scorers: every row of the stream, the anchor's included; top-k
+  then skips the fixed rows) — STATA: per timestep the anchor row ``Q_0 K^T`` per head (attention ACs, recomputed
+  even where SSA's ``Q K^T`` already holds it), its mean over heads, and the tie-break: the activity ``|x|`` over
+  channels of every row (the anchor's D real entries included), scaled and added (2 per row); AT: the same on
+  time means, as the model computes it — the score's mean over T, x accumulated over T (one AC per non-zero
+  term), then the activity of the mean and the tie-break once, at the last timestep; l1: the activity of every
+  row (anchor included) and its mean over T; SSA-average: the sum over queries, the received attention, the means
+  over heads and T; TP (image rows only, as the model scores them): channel and time means, the temporal
   difference, channel sum and 3x3 box filter (ACs), the cosine and the two softmaxes (MACs, one per multiply,
-  divide, square root or exp); l1, SSA-average likewise. The top-k selection is counted as ``compares``
-  (``n x ceil(log2(k + 1))`` per selection, a heap-selection estimate). Max-pooling of spikes in the stem is an OR:
-  its comparisons are reported (``compares``, 8 per output element) and costed only if a profile says so.
+  divide, square root or exp). The top-k selection is counted as ``compares`` (``n x ceil(log2(k + 1))`` per
+  selection, a heap-selection estimate).
+* **Max-pooling** of spikes in the stem is an OR: ``compares`` = (real inputs of the window - 1) per output
+  element — padding is never compared, so a 3x3 / padding 1 window costs 8 inside, 5 on an edge, 3 at a corner —
+  reported and costed only if a profile says so.
+* **Static masks**: a run counted with static masks must have kept exactly the masks' positions at every site and
+  timestep (``RunResult.kept``, ascending); any other kept set is a ``CountError`` naming the site, the timestep and
+  the sample — the counts would describe a network the run did not compute.
 """
 from __future__ import annotations
 

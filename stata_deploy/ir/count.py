@@ -1,7 +1,7 @@
 """The SOP counter as a lowering of the IR: ``count(graph, result) -> OpsReport``.
 
-The counting conventions are in stata_deploy/sops.py's module doc. The graph is walked once in order; one small
-function per node type (``COUNTS``) computes that node's value in the counter's layout from its inputs' values and
+The counting conventions are in stata_deploy/energy/counter.py's module doc. The graph is walked once in order; one
+small function per node type (``COUNTS``) computes that node's value in the counter's layout from its inputs' values and
 adds its LayerOps. Neuron outputs are not computed but read from the run (``RunResult.spikes``, key = node name),
 the kept tokens of each pruning site from ``RunResult.kept``. Values are torch tensors (T, B, ...):
 
@@ -59,6 +59,13 @@ def _fanout_map(h: int, w: int, k: int = 3, stride: int = 1, pad: int = 1) -> to
                              for i in range(n)], dtype=torch.float64)
 
     return valid(h)[:, None] * valid(w)[None, :]
+
+
+def _window_inputs(n: int, k: int, stride: int, pad: int) -> torch.Tensor:
+    """(n_out,): how many real (non-padding) inputs each output window of a k-wide pooling along one axis covers."""
+    n_out = (n + 2 * pad - k) // stride + 1
+    return torch.tensor([sum(1 for d in range(k) if 0 <= o * stride - pad + d < n) for o in range(n_out)],
+                        dtype=torch.float64)
 
 
 def _matmul_pairs(a_nz: torch.Tensor, b_nz: torch.Tensor) -> torch.Tensor:
@@ -149,7 +156,7 @@ class _Count:
 
 @torch.no_grad()
 def count(graph: Graph, result: RunResult) -> OpsReport:
-    """Count the operations of one batch run (``result``) of the network ``graph`` describes (see sops.py)."""
+    """Count the operations of one batch run (``result``) of the network ``graph`` describes (see counter.py)."""
     if result.inputs is None:
         raise CountError("the run result has no encoded input (RunResult.inputs): cannot count the first layer")
     x = _t(result.inputs)
@@ -227,10 +234,14 @@ def _neuron(c: _Count, node: Neuron, x):
 
 
 def _max_pool(c: _Count, node: MaxPool, x):
-    """Pooling spikes is an OR: its comparisons (kernel^2 - 1 per output) are reported as compares."""
+    """Pooling spikes is an OR: (real inputs of its window - 1) compares per output; padding is never compared, so a
+    border window of a padded pool costs fewer (3x3 / padding 1: 3 at a corner, 5 on an edge, 8 inside)."""
     y = F.max_pool2d(x.flatten(0, 1).float(), node.kernel, node.stride, node.padding)
     y = y.reshape(c.T, c.B, *y.shape[1:])
-    c.add(node.name, "pool", compares=_per_t(torch.ones_like(y)) * (node.kernel**2 - 1))
+    wh = _window_inputs(x.shape[-2], node.kernel, node.stride, node.padding)
+    ww = _window_inputs(x.shape[-1], node.kernel, node.stride, node.padding)
+    per_channel = float((wh[:, None] * ww[None, :] - 1).sum())  # compares over one output map
+    c.add(node.name, "pool", compares=c.zeros() + per_channel * y.shape[2] * c.B)
     return y
 
 
@@ -260,9 +271,27 @@ def _kept(c: _Count, site: int) -> torch.Tensor:
     return g
 
 
+def _check_schedule(c: _Count, node: Select, g: torch.Tensor) -> None:
+    """A static Select: the run must have kept exactly its schedule's positions at every timestep (ascending)."""
+    want = [np.flatnonzero(node.schedule[t]) for t in range(c.T)]
+    for t in range(c.T):
+        if g.shape[-1] != len(want[t]):
+            raise CountError(f"site {node.site}: the run kept {g.shape[-1]} tokens per timestep, its static mask "
+                             f"keeps {len(want[t])}: the run did not use the masks it is counted with")
+        bad = (g[t] != torch.from_numpy(want[t]).to(g.dtype)).any(-1)  # (B,)
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0, 0])
+            raise CountError(f"site {node.site}: the run kept tokens {g[t, b].tolist()} at timestep {t} (sample {b}), "
+                             f"its static mask keeps {want[t].tolist()}: the run did not use the masks it is counted "
+                             "with")
+
+
 def _select(c: _Count, node: Select, x, scores=None):
-    """Gather the kept rows (RunResult.kept); a dynamic selection's top-k compares go on its scorer's layer."""
+    """Gather the kept rows (RunResult.kept, checked against a static Select's schedule); a dynamic selection's top-k
+    compares go on its scorer's layer."""
     g = _kept(c, node.site)  # (T, B, k) global positions
+    if node.static:
+        _check_schedule(c, node, g)
     src = c.src(node)
     pos = c.positions(src)
     inv = torch.full((c.T, c.B, c.graph.n_tokens), -1, dtype=torch.long)
@@ -292,9 +321,9 @@ def _rejoin(c: _Count, node: Rejoin, x, y):
 
 
 def _head(c: _Count, node: Head, x):
-    """The token mean (a value-weighted accumulate; its 1/n folds into the weights), then MACs on its non-zeros."""
+    """The token mean (one AC per non-zero term; its 1/n folds into the weights), then MACs on its non-zeros."""
     img = x[:, :, node.n_fixed:]
-    c.add(f"{node.name}.pool", "pool", acs=_per_t(img.abs()))
+    c.add(f"{node.name}.pool", "pool", acs=_per_t(_nz(img)))
     nz = _per_t(_nz(img.sum(2))) * node.out_features
     c.add(node.name, "head", node.out_features, events=nz, macs=nz)
 
@@ -352,15 +381,35 @@ def _product(c: _Count, node: Product, *ins):
 
 
 # ------------------------------------------------------------------------------------------------ scorers
+def _row_terms(x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """(T, B, n) terms of each row's channel sum ``|x|.sum(-1)``: one AC per non-zero entry; a real row (the
+    anchor, marked in ``real``) has all D entries non-zero."""
+    terms = (x != 0).sum(-1).to(torch.float64)
+    return terms if real is None else torch.where(real, float(x.shape[-1]), terms)
+
+
+def _activity(c: _Count, node: Scorer, x) -> torch.Tensor:
+    """(T,) ACs of the token activity over every row, the anchor's too (the model scores all rows; top-k then
+    skips the fixed ones)."""
+    return _per_t(_row_terms(x, c.real.get(c.src(node))))
+
+
 def _score_anchor_row(c, node, x, q, k, over_time: bool):
-    """STATA / AT: the anchor row Q_0 K^T per head, mean over heads, the activity tie-break (and AT: mean over T)."""
+    """STATA / AT: the anchor row Q_0 K^T per head, mean over heads, the activity tie-break over every row (anchor
+    included: the model scores all rows, then top-k skips the fixed ones). STATA per timestep; AT: the score's mean
+    over T, the activity of the time-mean x̄ (accumulating x over T, then |x̄| over channels, at the last step)."""
     B = c.B
     H, n = q.shape[2], q.shape[3]
     att = _matmul_pairs(_nz(q[:, :, :, :1]), _nz(k).transpose(-1, -2))  # Q_0 K^T per head
     acs = c.zeros() + float(B * H * n)  # mean over heads
-    acs += _per_t(_nz(x)) + float(2 * B * n)  # tie-break: token activity (|x| over channels), scaled, added
-    if over_time:
-        acs += float(2 * B * n)  # mean over timesteps of the score and of the activity
+    if not over_time:
+        acs += _activity(c, node, x) + float(2 * B * n)  # tie-break: |x| over channels; scaled, added
+        return acs, c.zeros(), att
+    acs += float(B * n)  # the score's mean over timesteps
+    acs += _activity(c, node, x)  # x̄ = mean over t: one AC per non-zero term
+    real = c.real.get(c.src(node))
+    xbar = _row_terms(x.sum(0, keepdim=True), None if real is None else real.any(0, keepdim=True))  # (1, B, n)
+    acs[-1] += float(xbar.sum()) + float(2 * B * n)  # tie-break on |x̄| over channels; scaled, added
     return acs, c.zeros(), att
 
 
@@ -375,7 +424,8 @@ def _score_ssa(c, node, x, q, k):
 
 
 def _score_l1(c, node, x, q, k):
-    return c.zeros() + _per_t(_nz(x)) + float(c.B * x.shape[2]), c.zeros(), c.zeros()  # |x| over channels, then T
+    """|x| over channels of every row (the anchor's too), then the mean over T."""
+    return c.zeros() + _activity(c, node, x) + float(c.B * x.shape[2]), c.zeros(), c.zeros()
 
 
 def _score_random(c, node, x, q, k):
