@@ -68,29 +68,29 @@ def _writing(mode) -> bool:
 
 
 @contextlib.contextmanager
+def _patched_io(mp: pytest.MonkeyPatch, fake_open, **os_fakes):
+    """Within the block: builtins.open and io.open are ``fake_open``, each ``os.<name>`` its fake."""
+    with mp.context() as m:
+        m.setattr(builtins, "open", fake_open)
+        m.setattr(io, "open", fake_open)
+        for name, fake in os_fakes.items():
+            m.setattr(os, name, fake)
+        yield
+
+
 def disk_full(mp: pytest.MonkeyPatch):
-    real_open, real_fdopen = builtins.open, os.fdopen
-
-    def fake_open(file, mode="r", *a, **k):
-        f = real_open(file, mode, *a, **k)
-        return _FullFile(f) if _writing(mode) else f
-
-    def fake_fdopen(fd, mode="r", *a, **k):
-        f = real_fdopen(fd, mode, *a, **k)
-        return _FullFile(f) if _writing(mode) else f
+    def full_when_writing(real):
+        def fake(file, mode="r", *a, **k):
+            f = real(file, mode, *a, **k)
+            return _FullFile(f) if _writing(mode) else f
+        return fake
 
     def fake_write(fd, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with mp.context() as m:
-        m.setattr(builtins, "open", fake_open)
-        m.setattr(io, "open", fake_open)
-        m.setattr(os, "fdopen", fake_fdopen)
-        m.setattr(os, "write", fake_write)
-        yield
+    return _patched_io(mp, full_when_writing(builtins.open), fdopen=full_when_writing(os.fdopen), write=fake_write)
 
 
-@contextlib.contextmanager
 def read_only(mp: pytest.MonkeyPatch, root: Path):
     root = str(Path(root).resolve())
     real_open, real_os_open, real_mkdir = builtins.open, os.open, os.mkdir
@@ -120,12 +120,7 @@ def read_only(mp: pytest.MonkeyPatch, root: Path):
             raise ro()
         return real_mkdir(path, *a, **k)
 
-    with mp.context() as m:
-        m.setattr(builtins, "open", fake_open)
-        m.setattr(io, "open", fake_open)
-        m.setattr(os, "open", fake_os_open)
-        m.setattr(os, "mkdir", fake_mkdir)
-        yield
+    return _patched_io(mp, fake_open, open=fake_os_open, mkdir=fake_mkdir)
 
 
 # ---------------------------------------------------------------------------------------------------------------
