@@ -34,11 +34,8 @@ def test_local_part_pads_empty_ranks_with_zero_weight():
 
 
 @pytest.fixture(scope="module")
-def tiny_npz(tmp_path_factory, digits):
-    path = tmp_path_factory.mktemp("data") / "digits96.npz"
-    np.savez(path, x_train=digits.x_train[:96], y_train=digits.y_train[:96], x_test=digits.x_test[:64],
-             y_test=digits.y_test[:64])
-    return path
+def tiny_npz(digits_npz):
+    return digits_npz(96)
 
 
 @pytest.mark.slow

@@ -30,13 +30,8 @@ def _cli(data, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def tiny_npz(tmp_path_factory, digits):
-    import numpy as np
-
-    path = tmp_path_factory.mktemp("data") / "digits128.npz"
-    np.savez(path, x_train=digits.x_train[:128], y_train=digits.y_train[:128], x_test=digits.x_test[:64],
-             y_test=digits.y_test[:64])
-    return path
+def tiny_npz(digits_npz):
+    return digits_npz(128)
 
 
 def _tensors(run):

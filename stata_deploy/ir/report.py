@@ -30,6 +30,16 @@ _REPORTED = ("macs", "acs", "attention_ops", "attention_acs", "attention_macs", 
              "idle_neuron_updates", "spikes", "firing_rate", "events")
 
 
+def _counts(names, read: str):
+    """Class decorator: a read-only float property per name in ``names``, its value ``self.<read>(name)``."""
+    def add(cls):
+        for n in names:
+            setattr(cls, n, property(lambda self, n=n: getattr(self, read)(n), doc=f"{n} per inference"))
+        return cls
+    return add
+
+
+@_counts(_FIELD.values(), "_get")  # macs, acs, ...: the sum over timesteps of counts_t[name] (0.0 if absent)
 @dataclass
 class LayerOps:
     """Op counts of one layer (a synaptic op with the neuron layer it drives), per inference.
@@ -48,15 +58,6 @@ class LayerOps:
     def _get(self, f: str) -> float:
         v = self.counts_t.get(f)
         return float(v.sum()) if v is not None else 0.0
-
-    macs = property(lambda s: s._get("macs"))
-    acs = property(lambda s: s._get("acs"))
-    attention_acs = property(lambda s: s._get("attention_acs"))
-    attention_macs = property(lambda s: s._get("attention_macs"))
-    compares = property(lambda s: s._get("compares"))
-    neuron_updates = property(lambda s: s._get("neuron_updates"))
-    idle_neuron_updates = property(lambda s: s._get("idle_neuron_updates"))
-    spikes = property(lambda s: s._get("spikes"))
 
     @property
     def attention_ops(self) -> float:
@@ -86,6 +87,7 @@ class LayerOps:
         return d
 
 
+@_counts((*_FIELD.values(), "attention_ops", "events"), "_sum")  # the sum over layers of the layer's count
 @dataclass
 class OpsReport:
     """Per-layer op counts of one model on some inputs, per inference (see the module doc for conventions)."""
@@ -96,17 +98,6 @@ class OpsReport:
 
     def _sum(self, attr: str) -> float:
         return float(sum(getattr(l, attr) for l in self.layers))
-
-    macs = property(lambda s: s._sum("macs"))
-    acs = property(lambda s: s._sum("acs"))
-    attention_acs = property(lambda s: s._sum("attention_acs"))
-    attention_macs = property(lambda s: s._sum("attention_macs"))
-    attention_ops = property(lambda s: s._sum("attention_ops"))
-    compares = property(lambda s: s._sum("compares"))
-    neuron_updates = property(lambda s: s._sum("neuron_updates"))
-    idle_neuron_updates = property(lambda s: s._sum("idle_neuron_updates"))
-    spikes = property(lambda s: s._sum("spikes"))
-    events = property(lambda s: s._sum("events"))
 
     @property
     def sops(self) -> float:

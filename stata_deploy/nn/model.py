@@ -141,8 +141,39 @@ class SpikingTransformer(nn.Module):
         T, B, N, _ = x.shape
         n_fixed = 1 if cfg.anchor else 0
         sites = set(pr.resolved_sites(cfg.depth)) if pr.active else set()
-        skip_mode = pr.method == "tp"
         first = min(sites) if sites else cfg.depth
+        skips = range(first, cfg.depth) if pr.method == "tp" else ()  # TP: every block from the first site on
+
+        def select(i, x, index, info):
+            scores, tw = SCORERS.get(pr.method)(x, info, generator=self.generator, grid=cfg.grid)
+            local = select_topk(scores.detach(), tw, T, pr.keep, n_fixed)
+            x = gather_slots(x, local)
+            if self.training and pr.anchor_grad and cfg.anchor and scores.requires_grad:
+                x = _score_gradient(x, scores, local, tw)
+            return x, compose(index, local, N, tw)
+
+        return self._blocks(x, align, sites, skips, select, None)
+
+    def _forward_static(self, x: torch.Tensor, masks: TokenMasks, align: bool) -> ModelOutput:
+        """Forward with static masks: the kept slots are gathered with precomputed indices; after a site whose
+        tokens differ between timesteps the neurons follow the site's precomputed schedule (neurons.LIFSchedule).
+        Skip mode (TP): the kept tokens of a site go through its block, the others keep their input."""
+        plan = static_plan(masks, self.cfg)
+        x = self.tokens(x)  # (T, B, N, D)
+        B = x.shape[1]
+
+        def select(i, x, index, info):
+            sp = plan.sites[i]
+            return sp.gather(x), sp.index(B, x.device)
+
+        return self._blocks(x, align, plan.sites, plan.sites if plan.mode == "skip" else (), select, masks)
+
+    def _blocks(self, x, align, sites, skips, select, masks) -> ModelOutput:
+        """The block loop of both forwards, from the tokens x (T, B, N, D). A block in ``skips`` is a TP skip block
+        (``_skip_block``, with ``masks`` static or None dynamic); before any other block in ``sites``,
+        ``select(i, x, index, info)`` (``info`` of the block before) gives the kept slots and their ``TokenIndex``."""
+        cfg, pr = self.cfg, self.cfg.prune
+        n_fixed = 1 if cfg.anchor else 0
         align_sites = set(pr.resolved_align_sites(cfg.depth)) if (align and pr.align) else set()
         index: TokenIndex | None = None
         info: AttnInfo | None = None
@@ -150,48 +181,12 @@ class SpikingTransformer(nn.Module):
         maps: dict[int, torch.Tensor] = {}
         per_block: list[int] = []
         for i, blk in enumerate(self.blocks):
-            if skip_mode and i >= first:
-                x, info, sel = self._skip_block(blk, x, i, None, n_fixed)
-                kept[i] = sel
-                per_block.append(sel.shape[-1])
+            if i in skips:
+                x, info, kept[i] = self._skip_block(blk, x, i, masks, n_fixed)
+                per_block.append(kept[i].shape[-1])
             else:
                 if i in sites:
-                    scores, tw = SCORERS.get(pr.method)(x, info, generator=self.generator, grid=cfg.grid)
-                    local = select_topk(scores.detach(), tw, T, pr.keep, n_fixed)
-                    x = gather_slots(x, local)
-                    if self.training and pr.anchor_grad and cfg.anchor and scores.requires_grad:
-                        x = _score_gradient(x, scores, local, tw)
-                    index = compose(index, local, N, tw)
-                    kept[i] = index.idx
-                x, info = blk(x, index)
-                per_block.append(x.shape[2])
-            if i in align_sites:
-                maps[i] = info.attention_map()
-        return self._finish(x, n_fixed, kept, maps, per_block)
-
-    def _forward_static(self, x: torch.Tensor, masks: TokenMasks, align: bool) -> ModelOutput:
-        """Forward with static masks: the kept slots are gathered with precomputed indices; after a site whose
-        tokens differ between timesteps the neurons follow the site's precomputed schedule (neurons.LIFSchedule).
-        Skip mode (TP): the kept tokens of a site go through its block, the others keep their input."""
-        cfg, pr = self.cfg, self.cfg.prune
-        plan = static_plan(masks, cfg)
-        x = self.tokens(x)  # (T, B, N, D)
-        B, N = x.shape[1], x.shape[2]
-        n_fixed = 1 if cfg.anchor else 0
-        align_sites = set(pr.resolved_align_sites(cfg.depth)) if (align and pr.align) else set()
-        index: TokenIndex | None = None
-        kept: dict[int, torch.Tensor] = {}
-        maps: dict[int, torch.Tensor] = {}
-        per_block: list[int] = []
-        for i, blk in enumerate(self.blocks):
-            sp = plan.sites.get(i)
-            if sp is not None and plan.mode == "skip":
-                x, info, kept[i] = self._skip_block(blk, x, i, masks, n_fixed)
-                per_block.append(sp.k)
-            else:
-                if sp is not None:
-                    x = sp.gather(x)
-                    index = sp.index(B, x.device)
+                    x, index = select(i, x, index, info)
                     kept[i] = index.idx
                 x, info = blk(x, index)
                 per_block.append(x.shape[2])

@@ -140,9 +140,7 @@ def _static_forward(x: torch.Tensor, tau: float, v_th: float, v_reset: float, te
             if sched.decays[t]:
                 fac = sched.factor(t, tau, x.dtype, x.device).reshape(bshape)
                 v = v * fac if v_reset == 0.0 else (v - v_reset) * fac + v_reset
-            torch.sub(x[t], v if v_reset == 0.0 else v - v_reset, out=h)
-            h.div_(tau)
-            h.add_(v)
+            _charge_into(h, x[t], v, tau, v_reset)
         _fire_into(out[t], fired, h, v_th, ternary)
         if t < T - 1:
             h.masked_fill_(fired, v_reset)
@@ -169,6 +167,14 @@ def _fire(h: torch.Tensor, v_th: float, ternary: bool) -> torch.Tensor:
     return s
 
 
+def _charge_into(h: torch.Tensor, xt: torch.Tensor, v: torch.Tensor, tau: float, v_reset: float) -> None:
+    """H = v + (x - (v - v_reset)) / tau into the buffer h, in place, with the same arithmetic and order as that
+    expression (bit-identical): the membrane update of the eager dense and static paths."""
+    torch.sub(xt, v if v_reset == 0.0 else v - v_reset, out=h)
+    h.div_(tau)
+    h.add_(v)
+
+
 def _fire_into(out_t: torch.Tensor, fired: torch.Tensor, h: torch.Tensor, v_th: float, ternary: bool) -> None:
     """The spikes of one timestep into out_t, and which neurons fired (to reset) into the bool buffer ``fired``."""
     if ternary:
@@ -189,15 +195,13 @@ class _MultiStepNeuron(torch.autograd.Function):
         out = torch.empty_like(x)
         gaps = None
         if idx is None:
-            # Same arithmetic and order as ``v + (x - (v - v_reset)) / tau`` (bit-identical), written in place into
-            # the saved buffers: no per-step temporaries of the whole input (the LIF is memory-bound on CPU).
+            # H written in place into the saved buffers: no per-step temporaries of the whole input (the LIF is
+            # memory-bound on CPU).
             v = torch.full_like(x[0], v_reset)
             fired = torch.empty(x.shape[1:], dtype=torch.bool, device=x.device)
             for t in range(T):
                 h = hs[t]
-                torch.sub(x[t], v if v_reset == 0.0 else v - v_reset, out=h)
-                h.div_(tau)
-                h.add_(v)
+                _charge_into(h, x[t], v, tau, v_reset)
                 _fire_into(out[t], fired, h, v_th, ternary)
                 v = h.masked_fill(fired, v_reset)
         else:
