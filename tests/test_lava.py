@@ -393,7 +393,7 @@ def test_netx_names_what_it_cannot_hold_and_writes_the_stem(tmp_path):
 
     model = lively_model("ssa")
     masks = random_masks(model.cfg)
-    with pytest.raises(UnsupportedOpError, match=r"blocks\.0\.attn \(SSA.*product of two activations"):
+    with pytest.raises(UnsupportedOpError, match=r"blocks\.0\.attn\.qk \(a product of two activations \(qk\)\)"):
         NetxExporter().export(model, masks, tmp_path / "m.net")
     assert not list(tmp_path.iterdir())  # nothing left behind
     info = NetxExporter().export(model, masks, tmp_path / "stem.net", part="stem")
