@@ -122,6 +122,32 @@ def flopcounter_macs(model, x) -> float:
 
 
 # ------------------------------------------------------------------------------------------- timing
+def add_shape_args(ap) -> None:
+    """The model/input shape options of the training benchmarks: the paper's 4-384 at 32x32, T=4, batch 32."""
+    ap.add_argument("--preset", default="spikformer-4-384")
+    ap.add_argument("--img", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--T", type=int, default=4)
+    ap.add_argument("--classes", type=int, default=10)
+
+
+def paired_rounds(fns: dict, rounds: int, warmup: int, inner: int) -> dict:
+    """{key: [round time, ...]}: every round times every fn ``inner`` times (fastest call), rotating the order."""
+    keys = list(fns)
+    out = {k: [] for k in keys}
+    for r in range(warmup + rounds):
+        order = keys[r % len(keys):] + keys[: r % len(keys)]
+        for k in order:
+            ts = []
+            for _ in range(inner):
+                t0 = time.perf_counter()
+                fns[k]()
+                ts.append(time.perf_counter() - t0)
+            if r >= warmup:
+                out[k].append(min(ts))
+    return out
+
+
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
 

@@ -25,7 +25,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -71,7 +70,7 @@ def diagnose(model, x) -> dict:
     if cfg.prune.method not in ("stata", "anchor") or not cfg.anchor:
         raise SystemExit(f"error: {cfg.prune.method!r} runs have no anchor token to diagnose (use stata or anchor runs)")
     calls, _ = record_scorer_inputs(model, x)
-    xs, info, _, _ = calls[0]
+    xs, info, scores, tw = calls[0]  # the scorer's own inputs and output at the first site
     T, B, n, _ = xs.shape
     k = num_keep(n - 1, cfg.prune.keep)
     row = info.anchor_row()  # (T, B, n): the anchor's attention row, no tie-break
@@ -79,9 +78,6 @@ def diagnose(model, x) -> dict:
         row = row.mean(0, keepdim=True).expand(T, B, n)  # AT: one row for every timestep
     qa = info.q[:, :, :, 0]  # (T, B, H, dh): the anchor's Q spikes
     act = xs.abs().sum(-1)  # (T, B, n)
-    from stata_deploy.pruning.scorers import SCORERS
-
-    scores, tw = SCORERS.get(cfg.prune.method)(xs, info)
     if not tw:
         scores = scores.unsqueeze(0).expand(T, B, n)
     img = slice(1, None)  # slot 0 is the anchor, always kept

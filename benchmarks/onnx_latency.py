@@ -149,23 +149,6 @@ class Config:
         return sum(per.values()), sum(v.size for v in b.spikes.values()), first, float(np.abs(a.logits_t - b.logits_t).max())
 
 
-def paired_rounds(fns: dict, rounds: int, warmup: int, inner: int) -> dict:
-    """{key: [round time, ...]}: every round times every fn ``inner`` times (fastest call), rotating the order."""
-    keys = list(fns)
-    out = {k: [] for k in keys}
-    for r in range(warmup + rounds):
-        order = keys[r % len(keys):] + keys[: r % len(keys)]
-        for k in order:
-            ts = []
-            for _ in range(inner):
-                t0 = time.perf_counter()
-                fns[k]()
-                ts.append(time.perf_counter() - t0)
-            if r >= warmup:
-                out[k].append(min(ts))
-    return out
-
-
 def ratio_stats(num: list, den: list) -> tuple[float, float, float]:
     rs = [a / b for a, b in zip(num, den)]
     return statistics.median(rs), min(rs), max(rs)
@@ -319,7 +302,7 @@ def main(argv=None) -> int:
                 rounds = args.rounds or (12 if B == 1 else 5)
                 inner = args.inner or (2 if B > 1 else (5 if large else 20))
                 fns = {(rt, lab): c.runner(rt, x) for lab, c in confs.items() for rt in RUNTIMES}
-                times = paired_rounds(fns, rounds, args.warmup, inner)
+                times = C.paired_rounds(fns, rounds, args.warmup, inner)
                 print(f"\n{preset}, batch {B} ({rounds} rounds x {inner} calls, median of per-round ratios "
                       "[min..max])")
                 print(f"  {'config':>8} {'runtime':>7} {'ms':>9} {'GFLOP/s':>8} {'speedup':>7} {'[range]':>13} "
@@ -367,7 +350,7 @@ def main(argv=None) -> int:
                     a, b = rt.run(x), c.rt.run(x)
                     bad = sum(int((a.spikes[k] != b.spikes[k]).sum()) for k in b.spikes)
                     n_opt, _ = ort_optimized_nodes(p, args.threads)
-                    tt = paired_rounds({"ts": lambda: c.rt.run(x, record=False), "dyn": lambda: rt.run(x, record=False)},
+                    tt = C.paired_rounds({"ts": lambda: c.rt.run(x, record=False), "dyn": lambda: rt.run(x, record=False)},
                                        args.rounds or 12, args.warmup, 5 if large else 20)
                     m, lo, hi = ratio_stats(tt["ts"], tt["dyn"])
                     print(f"#   {lab:>8}: export {c.exp['export_s']:6.1f} s -> {e['export_s']:6.1f} s; nodes in file "

@@ -186,23 +186,6 @@ def train_rounds(args, confs, x, y) -> tuple[dict, dict]:
     return wall, cpu
 
 
-def paired_calls(fns: dict, rounds: int, warmup: int, inner: int) -> dict:
-    """{key: [fastest of ``inner`` calls per round]}, rotating the order every round."""
-    keys = list(fns)
-    out = {k: [] for k in keys}
-    for r in range(warmup + rounds):
-        order = keys[r % len(keys):] + keys[: r % len(keys)]
-        for k in order:
-            best = float("inf")
-            for _ in range(inner):
-                t0 = time.perf_counter()
-                fns[k]()
-                best = min(best, time.perf_counter() - t0)
-            if r >= warmup:
-                out[k].append(best)
-    return out
-
-
 def inference(args, confs, tmp: Path) -> dict:
     """Batch-1 eval of ours (torch), the reference (torch + reset_net) and ours on ONNX Runtime."""
     import numpy as np
@@ -242,7 +225,7 @@ def inference(args, confs, tmp: Path) -> dict:
             R.run(ref, xt)
 
     fns = {"ours_torch": ours_torch, "sj_torch": sj_torch, "ours_ort": lambda: rt.run(x, record=False)}
-    times = paired_calls(fns, args.infer_rounds, 1, args.infer_inner)
+    times = C.paired_rounds(fns, args.infer_rounds, 1, args.infer_inner)
     rt.close()
     return {"times": times, "ort_spike_mismatches": bad, "ort_spikes": total, "ort_max_logit_diff": dl,
             "export_s": export_s}
@@ -331,11 +314,7 @@ QUICK = dict(preset="spikformer-tiny", img=8, batch=4, rounds=1, warmup=1, infer
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="spikformer-4-384")
-    ap.add_argument("--img", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--T", type=int, default=4)
-    ap.add_argument("--classes", type=int, default=10)
+    C.add_shape_args(ap)
     ap.add_argument("--gamma", type=float, default=0.2, help="keep ratio of the pruned side")
     ap.add_argument("--method", default="stata", help="scorer of the pruned side (stata: timestep-wise top-k)")
     ap.add_argument("--sites", default="", help="pruning sites, e.g. 1 (default: the config's, every 3 blocks "

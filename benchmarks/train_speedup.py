@@ -92,11 +92,7 @@ def measure_mem(args, label: str) -> dict | None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="spikformer-4-384")
-    ap.add_argument("--img", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--T", type=int, default=4)
-    ap.add_argument("--classes", type=int, default=10)
+    C.add_shape_args(ap)
     ap.add_argument("--method", default="stata", help="scorer for the pruned side (stata = timestep-wise)")
     ap.add_argument("--gammas", default=",".join(str(g) for g in GAMMAS))
     ap.add_argument("--sites", default="", help="pruning sites, e.g. 1 (default: the config's: every 3 blocks from L//3)")
