@@ -42,6 +42,7 @@ Last line (replay): key=value headline.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import io
 import json
@@ -104,8 +105,8 @@ def export(args) -> None:
         lif_nodes = [n for n, o in G.ops.items() if o.kind == "lif"]
         inv = _graph_slots(G, lif_nodes)
         G_all = read_graph(path)  # records every LIF node, the gates too (they carry no torch layer name)
-        for n in lif_nodes:
-            G_all.ops[n].layer = G_all.ops[n].layer or n
+        G_all = dataclasses.replace(G_all, ops={k: dataclasses.replace(o, layer=o.layer or k) if k in lif_nodes else o
+                                                for k, o in G_all.ops.items()})
         logits, preds, recs, mism = [], [], {n: [] for n in lif_nodes}, 0
         trecs: dict = {n: [] for n in inv}
         for i in range(0, len(x), args.chunk):

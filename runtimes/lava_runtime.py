@@ -5,8 +5,10 @@
     rt.close()                  # stops Lava; always called (also on failure / Ctrl-C / garbage collection)
 
 How the network is built
-    ``runtimes.nir_graph.read_graph`` reads the .nir file (our exporter's, with its description in metadata) into an
-    IR of ops; ``lower_graph`` maps each op through the table ``LOWER`` onto processes of ``runtimes.lava_procs``
+    ``runtimes.nir_graph.read_graph`` reads the .nir file (our exporter's, with its description in metadata) into the
+    lowered IR (``stata_deploy.ir.lowered``: one typed node per NIR node; host operations are core IR Product /
+    Neuron nodes); ``lower_graph`` maps each node through the table ``LOWER`` (by node type; host operations through
+    ``LOWER_HOST`` by IR node kind) onto processes of ``runtimes.lava_procs``
     (numpy-only process models): Affine / Conv2d / SumPool2d -> ``Synapse`` (BatchNorm is already folded; a 3x3 conv
     or a pool is an unrolled sparse matrix, a 1x1 conv a per-token matmul, because Lava's ``Conv`` runs ~1 s/step in
     Python), LIF -> ``Neuron`` (fires at H >= the next float64 above NIR's v_threshold, i.e. NIR's v > v_threshold;
@@ -101,6 +103,7 @@ from stata_deploy.runtime_api import Runtime
 
 from runtimes.lava_worker import LAVA_MODULES, SPEC_FORMAT, SPEC_TAGS, TAG_ARRAY, TAG_CSR, TAG_TUPLE, TEMP_PREFIX
 from runtimes.nir_graph import NirFormatError
+from stata_deploy.ir.lowered import LIF, Affine, Conv1d, Conv2d, Flatten, InputPort, OutputPort, SumPool2d
 
 PRECISIONS = ("float", "fixed")
 
@@ -859,21 +862,20 @@ def _low_output(bld, g, op, x, mask):
 
 
 def _low_affine(bld, g, op, x, mask):
-    W, b = op.params["weight"], op.params["bias"]
+    W, b = op.weight, op.bias
     if W.shape[-1] != x.shape[-1]:
         raise NirFormatError(f"Affine {op.name!r}: weight takes {W.shape[-1]} inputs, its input has shape {x.shape}")
     return bld.synapse(x, W, np.broadcast_to(b, op.shape), op.shape, op.name, "affine", mask)
 
 
 def _low_conv2d(bld, g, op, x, mask):
-    p = op.params
-    w, b = p["weight"], p["bias"]
+    w, b = op.weight, op.bias
     if len(x.shape) != 3:
         raise NirFormatError(f"Conv2d {op.name!r}: input shape {x.shape} is not (C, H, W)")
     bias = None if b is None else np.asarray(b, dtype=np.float64).reshape(-1, 1, 1)
-    if w.shape[2:] == (1, 1) and p["groups"] == 1 and tuple(p["stride"]) == (1, 1) and tuple(p["padding"]) == (0, 0):
+    if w.shape[2:] == (1, 1) and op.groups == 1 and op.stride == (1, 1) and op.padding == (0, 0):
         return bld.synapse(x, w[:, :, 0, 0], bias, op.shape, op.name, "cf", mask)  # per-position (token) linear
-    M, shape = _conv_matrix(w, x.shape, p["stride"], p["padding"], p["dilation"], p["groups"])
+    M, shape = _conv_matrix(w, x.shape, op.stride, op.padding, op.dilation, op.groups)
     if tuple(shape) != tuple(op.shape):
         raise NirFormatError(f"Conv2d {op.name!r}: computed output {shape} but the graph says {op.shape}")
     return bld.synapse(x, M, None if bias is None else np.broadcast_to(bias, shape), op.shape, op.name, "sparse", mask)
@@ -882,15 +884,14 @@ def _low_conv2d(bld, g, op, x, mask):
 def _low_conv1d(bld, g, op, x, mask):
     """A Conv1d over a token row (C, L): a 1x1 kernel is a per-token matmul, any other the sparse matrix of the
     same conv on a height-1 image (C, 1, L) (same memory layout as (C, L))."""
-    p = op.params
-    w, b = p["weight"], p["bias"]
+    w, b = op.weight, op.bias
     if len(x.shape) != 2:
         raise NirFormatError(f"Conv1d {op.name!r}: input shape {x.shape} is not (C, L)")
     bias = None if b is None else np.asarray(b, dtype=np.float64).reshape(-1, 1)
-    if w.shape[2] == 1 and p["groups"] == 1 and p["stride"] == 1 and p["padding"] == 0:
+    if w.shape[2] == 1 and op.groups == 1 and op.stride == 1 and op.padding == 0:
         return bld.synapse(x, w[:, :, 0], bias, op.shape, op.name, "cf", mask)  # per-token linear
-    M, shape = _conv_matrix(w[:, :, None, :], (x.shape[0], 1, x.shape[1]), (1, p["stride"]), (0, p["padding"]),
-                            (1, p["dilation"]), p["groups"])
+    M, shape = _conv_matrix(w[:, :, None, :], (x.shape[0], 1, x.shape[1]), (1, op.stride), (0, op.padding),
+                            (1, op.dilation), op.groups)
     if (shape[0], shape[2]) != tuple(op.shape):
         raise NirFormatError(f"Conv1d {op.name!r}: computed output {(shape[0], shape[2])} but the graph says "
                              f"{op.shape}")
@@ -899,10 +900,9 @@ def _low_conv1d(bld, g, op, x, mask):
 
 
 def _low_sumpool2d(bld, g, op, x, mask):
-    p = op.params
     C = x.shape[0]
-    w = np.ones((C, 1, *p["kernel"]))
-    M, shape = _conv_matrix(w, x.shape, p["stride"], p["padding"], (1, 1), C)
+    w = np.ones((C, 1, *op.kernel))
+    M, shape = _conv_matrix(w, x.shape, op.stride, op.padding, (1, 1), C)
     return bld.synapse(x, M, None, op.shape, op.name, "sparse", mask)
 
 
@@ -911,21 +911,20 @@ def _low_flatten(bld, g, op, x, mask):
 
 
 def _low_lif(bld, g, op, x, mask):
-    p = op.params
     # NIR fires at v > v_threshold; our Neuron at H >= v_th: the next float64 above is the same rule exactly
-    v_th = np.nextafter(np.asarray(p["v_threshold"], dtype=np.float64), np.inf)
-    return bld.neuron(x, op.name, "lif", mask, tau_steps=p["tau_steps"], r=p["r"], v_leak=p["v_leak"],
-                      v_th=v_th, v_reset=p["v_reset"])
+    v_th = np.nextafter(op.v_threshold, np.inf)
+    return bld.neuron(x, op.name, "lif", mask, tau_steps=op.tau_steps, r=op.r, v_leak=op.v_leak,
+                      v_th=v_th, v_reset=op.v_reset)
 
 
-LOWER = {  # IR op kind -> lowering (the table of runtimes.nir_graph's op set)
-    "output": _low_output,
-    "affine": _low_affine,
-    "conv1d": _low_conv1d,
-    "conv2d": _low_conv2d,
-    "sumpool2d": _low_sumpool2d,
-    "flatten": _low_flatten,
-    "lif": _low_lif,
+LOWER = {  # lowered node type (stata_deploy.ir.lowered) -> lowering; InputPort is the image or a host result
+    OutputPort: _low_output,
+    Affine: _low_affine,
+    Conv1d: _low_conv1d,
+    Conv2d: _low_conv2d,
+    SumPool2d: _low_sumpool2d,
+    Flatten: _low_flatten,
+    LIF: _low_lif,
 }
 
 
@@ -951,32 +950,32 @@ def _rows_shape(h, x: _Node) -> tuple:
 def _matmul(bld, h, a, b, out_shape, mask=None, **args):
     """A product of two activations (an Op2 matmul), times the Product's ``scale``; in fixed point its values lie
     on the grid a.grid * b.grid * |scale|."""
-    scale = float(h.attrs.get("scale", 1.0))
+    scale = float(h.node.scale)
     return bld.op2("matmul", a, b, out_shape, h.name, grid=a.grid * b.grid * abs(scale), mask=mask,
                    **({"scale": scale} if scale != 1.0 else {}), **args)
 
 
 def _lh_qk(bld, h, mask, q, k):
-    H, shape = int(h.attrs["heads"]), _rows_shape(h, q)
+    H, shape = h.node.heads, _rows_shape(h, q)
     n = int(np.prod(shape[1:]))
     return _matmul(bld, h, q, k, (H, n, n), **_heads_args("a", H, shape, _NT),
                    **_heads_args("b", H, _rows_shape(h, k), None))
 
 
 def _lh_av(bld, h, mask, a, v):
-    H, shape = int(h.attrs["heads"]), _rows_shape(h, v)
+    H, shape = h.node.heads, _rows_shape(h, v)
     return _matmul(bld, h, a, v, shape, mask, **_heads_args("b", H, shape, _NT), out_perm=_NT, out_reshape=shape)
 
 
 def _lh_ktv(bld, h, mask, k, v):
-    H, shape = int(h.attrs["heads"]), _rows_shape(h, k)
+    H, shape = h.node.heads, _rows_shape(h, k)
     dh = shape[0] // H
     return _matmul(bld, h, k, v, (H, dh, dh), **_heads_args("a", H, shape, None),
                    **_heads_args("b", H, _rows_shape(h, v), _NT))
 
 
 def _lh_qktv(bld, h, mask, q, m):
-    H, shape = int(h.attrs["heads"]), _rows_shape(h, q)
+    H, shape = h.node.heads, _rows_shape(h, q)
     return _matmul(bld, h, q, m, shape, mask, **_heads_args("a", H, shape, _NT), out_perm=_NT, out_reshape=shape)
 
 
@@ -985,9 +984,9 @@ def _lh_relu(bld, h, mask, x):
 
 
 def _lh_ternary(bld, h, mask, x):
-    vr = float(h.attrs["v_reset"])
-    return bld.neuron(x, h.name, "ternary", mask, tau_steps=float(h.attrs["tau"]), r=1.0, v_leak=vr,
-                      v_th=float(h.attrs["v_th"]), v_reset=vr)
+    vr = float(h.node.v_reset)
+    return bld.neuron(x, h.name, "ternary", mask, tau_steps=float(h.node.tau), r=1.0, v_leak=vr,
+                      v_th=float(h.node.v_th), v_reset=vr)
 
 
 LOWER_HOST = {"qk": _lh_qk, "av": _lh_av, "ktv": _lh_ktv, "qktv": _lh_qktv, "relu": _lh_relu,
@@ -1015,7 +1014,8 @@ def _low_host(bld, g, h, nodes) -> _Node:
 
 
 def lower_graph(g, batch: int, precision: str, dtype: str = "float64") -> _Builder:
-    """Lower the IR of ``runtimes.nir_graph`` (ops in topological order) to Lava process specs."""
+    """Lower a lowered IR graph (``stata_deploy.ir.lowered``, read by ``runtimes.nir_graph``) to Lava process
+    specs, node by node in topological order."""
     bld = _Builder(g.T, batch, precision, dtype)
     if g.input is None or g.logits is None:
         raise NirFormatError("this NIR file is not a complete stata-deploy model graph (no image input or logits "
@@ -1024,7 +1024,7 @@ def lower_graph(g, batch: int, precision: str, dtype: str = "float64") -> _Build
     nodes: dict[str, _Node] = {}
     for name, op in g.ops.items():
         mask = g.segments[op.tokens].schedule if op.tokens else None
-        if op.kind == "input":
+        if isinstance(op, InputPort):
             if name == g.input:
                 nodes[name] = bld.input(op.shape)
             elif name in host_by_out:
@@ -1033,15 +1033,16 @@ def lower_graph(g, batch: int, precision: str, dtype: str = "float64") -> _Build
                 raise UnsupportedOpError(f"input port {name!r} has no source in this graph (not the image input "
                                          "and no host operation writes it)")
             continue
-        if op.kind not in LOWER:
-            raise UnsupportedOpError(f"op {name!r} of kind {op.kind!r} has no Lava lowering "
-                                     f"(supported: {', '.join(LOWER)})")
-        if not op.inputs:
-            raise NirFormatError(f"op {name!r} has no inputs")
-        x = nodes[op.inputs[0]]
-        for s in op.inputs[1:]:  # several edges into one node are summed (delay-matched)
+        if type(op) not in LOWER:
+            raise UnsupportedOpError(f"node {name!r} of type {type(op).__name__} has no Lava lowering "
+                                     f"(supported: {', '.join(t.__name__ for t in LOWER)})")
+        ins = g.inputs[name]
+        if not ins:
+            raise NirFormatError(f"node {name!r} has no inputs")
+        x = nodes[ins[0]]
+        for s in ins[1:]:  # several edges into one node are summed (delay-matched)
             x = bld.add(x, nodes[s], name + ".sum")
-        y = LOWER[op.kind](bld, g, op, x, mask)
+        y = LOWER[type(op)](bld, g, op, x, mask)
         nodes[name] = y
         if op.layer:
             bld.record(op.layer, y, (op.layout, op.tokens))

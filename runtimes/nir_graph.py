@@ -1,73 +1,45 @@
-"""Our NIR reader: a ``.nir`` file -> a small executable graph IR -> a numpy executor over T timesteps.
+"""Our NIR reader: a ``.nir`` file -> the lowered IR (``stata_deploy.ir.lowered``) -> a numpy executor over T steps.
 
-Used by the ``nir`` runtime (round trip torch -> .nir -> numpy) and by the Lava runtime (which maps the same IR
+Used by the ``nir`` runtime (round trip torch -> .nir -> numpy) and by the Lava runtime (which lowers the same graph
 onto Lava processes). numpy only (no torch): Lava process models must not call torch.
 
-The IR (``read_graph(path) -> Graph``)
----------------------------------------
-``Graph.ops`` is an ordered dict (topological order) of ``Op``: one per NIR node, with a small op set:
+``read_graph(path) -> lowered.Graph``: one typed node per NIR node (``_READ``: nir type -> node), the node equations
+in stata_deploy/ir/lowered.py; the executor applies them from a table (``APPLY``: node type -> function). Timing:
+zero-delay. At each timestep t every node runs once, in ``Graph.ops`` order; host operations run as soon as all their
+input ports have a value at t. There is no synaptic delay (a backend with one step of delay per synapse, e.g.
+Lava's Dense, must delay-match residual branches and run T + depth steps).
 
-===========  =====================================================================================================
-kind         per-sample semantics (no batch axis in ``shape``; the executor adds a leading batch axis B)
-===========  =====================================================================================================
-input        a graph input port. ``name == graph.input`` is the image (C, H, W); any other input is fed by a
-             host op (``role == "host_result"``) or, in a ``--split`` segment file, by the previous segment
-output       a graph output port: the sum of its inputs (``graph.logits`` is the (C, 1, 1) or (C, 1) logit port; others feed
-             host ops or, in a segment file, the next segment)
-affine       y = W @ x + b over the LAST axis. ``W`` (..., out, in): leading axes are per-position batch axes
-             (NIR's own rule: input_type = W.shape[:-2] + (in,)); b broadcasts to the output shape
-conv1d       torch.nn.functional.conv1d semantics, params weight (Co, Ci/groups, k), bias (Co,), stride, padding,
-             dilation (ints), groups, in_len. Input (Ci, L) -> (Co, L') (the exporter's token rows)
-conv2d       torch.nn.functional.conv2d semantics (cross-correlation), params weight (Co, Ci/groups, kh, kw), bias
-             (Co,), stride, padding, dilation (2-tuples), groups, in_hw. Input (Ci, H, W) -> (Co, H', W')
-sumpool2d    sum over kernel windows, zero padding: params kernel, stride, padding (2-tuples)
-flatten      reshape: dims start_dim..end_dim (per-sample indexing) merged
-lif          NIR LIF, forward Euler with step dt:  H = V + (r*X - (V - v_leak)) / (tau/dt);
-             S = H > v_threshold (NIR's rule; our exporter writes the float32 below the model's V_th, so this is
-             the model's H >= V_th); V = v_reset where S else H. Params are float64
-             arrays of the op's shape: tau, r, v_leak, v_reset, v_threshold; ``tau_steps`` = tau/dt.
-             tau == dt makes it memoryless (H = v_leak + r*X): the exporter uses that as a threshold GATE
-             (``role == "gate"``: the AND of two binary spike trains is gate(a + b) with threshold 1.5)
-===========  =====================================================================================================
-
-Every op's input is the SUM of the outputs of ``op.inputs`` at the same timestep (NIR: several edges into one node
-are summed). Timing: zero-delay. At each timestep t every op runs once, in ``Graph.ops`` order; host ops run as
-soon as all their input ports have a value at t. There is no synaptic delay (a backend with one step of delay per
-synapse, e.g. Lava's Dense, must delay-match residual branches and run T + depth steps).
-
-``Graph.host_ops`` (list of ``HostOp``, format_version 2): the IR nodes NIR cannot express, one host operation per
-node, named after it (``HostOp.name`` = the IR node's name) with the node's kind and fields (``attrs``). Each reads
-NIR output ports or earlier host operations' results (``HostOp.inputs``, in argument order) and, when a NIR node
-reads its result, writes the input port ``HostOp.output`` (else None: read by other host operations only). Ports
-are token rows (D, n) or maps (D, g, g) (tokens = the flattened spatial axes); head h is channels h*dh..(h+1)*dh:
-  - ``qk``      (q, k)  -> A_h = Q_h K_h^T                   (H, n, n)   attrs heads, scale   [Product.qk]
-  - ``av``      (A, v)  -> Y_h = A_h V_h                      like v      attrs heads, scale   [Product.av]
-  - ``ktv``     (k, v)  -> M_h = K_h^T V_h                    (H, dh, dh) attrs heads, scale   [Product.ktv]
-  - ``qktv``    (q, M)  -> Y_h = Q_h M_h                      like q      attrs heads, scale   [Product.qktv]
-    (a Product's result is multiplied by ``scale``, 1 when absent: SSA's av has 0.125)
-  - ``relu``    (x)     -> max(x, 0)                          like x                           [Neuron.relu]
+``Graph.host_ops`` (format_version 2): the IR nodes NIR cannot express, one host operation per node, named after it,
+whose ``node`` is that core IR node (``ir.nodes.Product`` or ``Neuron``, built from the description's kind and
+attrs and checked like any IR node). Ports are token rows (D, n) or maps (D, g, g) (tokens = the flattened spatial
+axes); head h is channels h*dh..(h+1)*dh:
+  - ``qk``      (q, k)  -> A_h = Q_h K_h^T                   (H, n, n)   heads, scale   [Product.qk]
+  - ``av``      (A, v)  -> Y_h = A_h V_h                      like v      heads, scale   [Product.av]
+  - ``ktv``     (k, v)  -> M_h = K_h^T V_h                    (H, dh, dh) heads, scale   [Product.ktv]
+  - ``qktv``    (q, M)  -> Y_h = Q_h M_h                      like q      heads, scale   [Product.qktv]
+    (a Product's result is multiplied by ``scale``: SSA's av has 0.125)
+  - ``relu``    (x)     -> max(x, 0)                          like x                     [Neuron.relu]
   - ``ternary`` (x)     -> the ternary neuron: H = V + (X - (V - v_reset)) / tau; +1 at H >= v_th, -1 at H <= -v_th,
-                           hard reset, state per element   like x      attrs tau (timesteps), v_th, v_reset
-                                                                                                 [Neuron.ternary]
+                           hard reset, state per element   like x      tau, v_th, v_reset [Neuron.ternary]
 A host operation on token rows belongs to token segment ``HostOp.tokens``: its token-row result is multiplied by
 the schedule at t, and a neuron's masked tokens get no input. ``HostOp.layer`` (neurons): recorded under that
-torch module name, like a LIF op's ``layer``. Files of format 1 (per-attention host ops ``ssa_product``,
+torch module name, like a LIF node's ``layer``. Files of format 1 (per-attention host ops ``ssa_product``,
 ``a2os2a_product``) are refused with the re-export command.
 
 Token layout and masks: the transformer part of the graph carries tokens on the last axis, rows (D, n) (files of
 earlier versions: (D, 1, n)), in the order ``Graph.row_positions`` (the description's ``token_order``: positions in
-the full sequence, anchor at 0) before the first pruning site. An op with ``op.tokens = sid`` belongs to token
-segment ``Graph.segments[sid]`` (a ``TokenSegment``: the positions of its n tokens in the full sequence, in graph
-order, and the static schedule (T, n) of which of them are kept at each timestep). Tokens never kept at any timestep are absent from the graph (structural removal). At timestep t the
-executor multiplies such an op's output by ``schedule[t]`` along the last axis, and a LIF / ternary neuron of a
-masked token receives zero input, so its membrane decays (V <- v_reset + (V - v_reset)(1 - 1/tau_steps)) and it
-cannot spike: exactly the token-state contract of ``stata_deploy.nn.neurons``.
+the full sequence, anchor at 0) before the first pruning site. A node with ``tokens = sid`` belongs to token
+segment ``Graph.segments[sid]`` (the positions of its n tokens in the full sequence, in graph order, and the static
+schedule (T, n) of which of them are kept at each timestep). Tokens never kept at any timestep are absent from the
+graph (structural removal). At timestep t the executor multiplies such a node's output by ``schedule[t]`` along the
+last axis, and a LIF / ternary neuron of a masked token receives zero input, so its membrane decays
+(V <- v_reset + (V - v_reset)(1 - 1/tau_steps)) and it cannot spike: the token-state contract of
+``stata_deploy.nn.neurons``.
 
-Recording: ops (and host ops) carrying ``layer`` (the torch module name, e.g. ``blocks.0.attn.q_lif``) are
+Recording: nodes (and host operations) carrying ``layer`` (the torch module name, e.g. ``blocks.0.attn.q_lif``) are
 recorded into ``RunResult.spikes`` in the torch slot layout: ``layout == "grid"``: (T, B, C, H, W);
 ``"tokens"``: (T, B, k, D) with the kept tokens at each timestep in ascending position order (re-ordered from the
-graph's token order);
-``"grid_tokens"``: a (D, g, g) token map -> (T, B, g*g, D); ``"single"``: (T, B, 1, D).
+graph's token order); ``"grid_tokens"``: a (D, g, g) token map -> (T, B, g*g, D); ``"single"``: (T, B, 1, D).
 
 Token layouts: a model without anchor and masks keeps its tokens on the stem's (D, g, g) map (token p = i*g + j,
 per-token Linear = 1x1 Conv2d, token sum / broadcast / head = Conv2d with (g, g) kernels): only Conv2d and LIF
@@ -81,77 +53,23 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from stata_deploy.errors import StataError, UnsupportedOpError
+from stata_deploy.ir.lowered import (LIF, Affine, Conv1d, Conv2d, Flatten, Graph, HostOp, InputPort, Lowered,
+                                     OutputPort, SumPool2d, TokenSegment, host_node)
+from stata_deploy.ir.nodes import IRError
 from stata_deploy.ir.geometry import _span, conv_synapses  # noqa: F401 - shared with the NIR exporter
 from stata_deploy.results import RunResult
 
 from stata_deploy.description import META_KEY, NIR_FORMAT_VERSION  # noqa: E402 - our JSON description
-OP_KINDS = ("input", "output", "affine", "conv1d", "conv2d", "sumpool2d", "flatten", "lif")
 OLD_HOST_KINDS = ("ssa_product", "a2os2a_product")  # format 1 (refused: re-export)
 
 
 class NirFormatError(StataError):
     """The file is not a NIR graph we can execute (unreadable, unknown node type, missing description)."""
-
-
-@dataclass
-class Op:
-    name: str  # NIR node key
-    kind: str  # one of OP_KINDS
-    inputs: list[str]  # predecessor op names; their outputs are summed
-    shape: tuple  # per-sample output shape
-    params: dict = field(default_factory=dict)  # arrays (float64) and conv/pool geometry (tuples of int)
-    layer: str | None = None  # torch module name to record under (neurons only)
-    layout: str | None = None  # "grid" | "tokens" | "single" (how ``layer`` is recorded)
-    tokens: str | None = None  # token segment id: last axis = that segment's tokens, masked per timestep
-    role: str | None = None  # "gate", "host_port", "host_result", "seg_in", "seg_out", ...
-
-
-@dataclass
-class HostOp:
-    name: str  # the IR node's name (unique among ops and host ops)
-    kind: str  # one of HOST_KINDS (an IR Product or Neuron kind)
-    inputs: list[str]  # output-port op names or earlier host ops' names, in argument order
-    output: str | None  # input-port op name receiving the result (None: read by other host ops only)
-    attrs: dict = field(default_factory=dict)  # the IR node's fields: heads, scale / tau, v_th, v_reset
-    tokens: str | None = None  # token segment of its token rows
-    layer: str | None = None  # torch module name its result is recorded under (neurons)
-
-
-@dataclass
-class TokenSegment:
-    sid: str
-    site: int | None  # pruning site (block index) that opened this segment; None: all tokens
-    positions: np.ndarray  # (n,) positions in the full token sequence
-    schedule: np.ndarray  # (T, n) bool: kept at timestep t
-
-
-@dataclass
-class Graph:
-    ops: dict[str, Op]
-    host_ops: list[HostOp]
-    segments: dict[str, TokenSegment]
-    T: int
-    dt: float
-    input: str | None  # the image input port
-    logits: str | None  # the logits output port
-    meta: dict  # the exporter's JSON description (config, masks, host ops, ...)
-    sites: dict = field(default_factory=dict)  # site -> segment id (for RunResult.kept)
-    row_positions: np.ndarray | None = None  # positions of the token row before any site, graph order
-
-    def kept_positions(self, sid: str, t: int) -> np.ndarray:
-        """Positions kept by token segment ``sid`` at timestep t, ascending (torch's slot order)."""
-        seg = self.segments[sid]
-        return np.sort(seg.positions[seg.schedule[t]])
-
-    @property
-    def config(self) -> dict:
-        return self.meta.get("config", {})
 
 
 # --------------------------------------------------------------------------------------------------- reading
@@ -176,53 +94,75 @@ def _meta_str(md, key):
     return str(v)
 
 
-def _lower_node(name: str, node, dt: float) -> Op:
+def _f64(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
+def _one(v) -> int:
+    return int(np.atleast_1d(np.asarray(v)).astype(int)[0])
+
+
+def _no_string_padding(name: str, node) -> None:
+    if isinstance(node.padding, str):
+        raise UnsupportedOpError(f"{type(node).__name__} {name!r}: string padding {node.padding!r} is not supported "
+                                 "by this reader")
+
+
+def _read_conv2d(node, name, dt, common):
+    _no_string_padding(name, node)
+    return Conv2d(weight=_f64(node.weight), bias=_f64(node.bias), stride=_tup(node.stride), padding=_tup(node.padding),
+                  dilation=_tup(node.dilation), groups=int(node.groups),
+                  in_hw=None if node.input_shape is None else _tup(node.input_shape), **common)
+
+
+def _read_conv1d(node, name, dt, common):
+    _no_string_padding(name, node)
+    return Conv1d(weight=_f64(node.weight), bias=_f64(node.bias), stride=_one(node.stride), padding=_one(node.padding),
+                  dilation=_one(node.dilation), groups=int(node.groups), in_len=_one(node.input_shape), **common)
+
+
+def _read_lif(node, name, dt, common):
+    tau = _f64(node.tau)
+    q = tau / dt
+    q = np.where(np.isclose(q, np.round(q), rtol=1e-9, atol=0), np.round(q), q)
+    return LIF(tau=tau, tau_steps=q, r=_f64(node.r), v_leak=_f64(node.v_leak), v_reset=_f64(node.v_reset),
+               v_threshold=_f64(node.v_threshold), **dict(common, shape=tau.shape))
+
+
+def _read_table() -> dict:
+    """nir node type -> f(node, name, dt, common fields) -> a lowered node."""
     import nir
 
+    out = lambda n: _shape(n.output_type)  # noqa: E731
+    return {
+        nir.Input: lambda n, name, dt, c: InputPort(**dict(c, shape=_shape(n.input_type))),
+        nir.Output: lambda n, name, dt, c: OutputPort(**dict(c, shape=out(n))),
+        nir.Affine: lambda n, name, dt, c: Affine(weight=_f64(n.weight), bias=_f64(n.bias), **dict(c, shape=out(n))),
+        nir.Linear: lambda n, name, dt, c: Affine(weight=_f64(n.weight), bias=np.zeros(np.shape(n.weight)[:-1]),
+                                                  **dict(c, shape=out(n))),
+        nir.Conv2d: lambda n, name, dt, c: _read_conv2d(n, name, dt, dict(c, shape=out(n))),
+        nir.Conv1d: lambda n, name, dt, c: _read_conv1d(n, name, dt, dict(c, shape=out(n))),
+        nir.SumPool2d: lambda n, name, dt, c: SumPool2d(kernel=_tup(n.kernel_size), stride=_tup(n.stride),
+                                                        padding=_tup(n.padding), **dict(c, shape=out(n))),
+        nir.Flatten: lambda n, name, dt, c: Flatten(start_dim=int(n.start_dim), end_dim=int(n.end_dim),
+                                                    in_shape=_shape(n.input_type), **dict(c, shape=out(n))),
+        nir.LIF: _read_lif,
+    }
+
+
+SUPPORTED = "Input, Output, Affine, Linear, Conv1d, Conv2d, SumPool2d, Flatten, LIF"
+
+
+def _read_node(table: dict, name: str, node, dt: float) -> Lowered:
     md = dict(getattr(node, "metadata", {}) or {})
-    common = dict(layer=_meta_str(md, "layer"), layout=_meta_str(md, "layout"), tokens=_meta_str(md, "tokens"),
-                  role=_meta_str(md, "role"))
-    f64 = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731
-    if isinstance(node, nir.Input):
-        return Op(name, "input", [], _shape(node.input_type), **common)
-    if isinstance(node, nir.Output):
-        return Op(name, "output", [], _shape(node.output_type), **common)
-    if isinstance(node, nir.Affine):
-        return Op(name, "affine", [], _shape(node.output_type), dict(weight=f64(node.weight), bias=f64(node.bias)),
-                  **common)
-    if isinstance(node, nir.Linear):
-        w = f64(node.weight)
-        return Op(name, "affine", [], _shape(node.output_type), dict(weight=w, bias=np.zeros(w.shape[:-1])),
-                  **common)
-    if isinstance(node, nir.Conv2d):
-        if isinstance(node.padding, str):
-            raise UnsupportedOpError(f"Conv2d {name!r}: string padding {node.padding!r} is not supported by this reader")
-        return Op(name, "conv2d", [], _shape(node.output_type), dict(
-            weight=f64(node.weight), bias=f64(node.bias), stride=_tup(node.stride), padding=_tup(node.padding),
-            dilation=_tup(node.dilation), groups=int(node.groups),
-            in_hw=None if node.input_shape is None else _tup(node.input_shape)), **common)
-    if isinstance(node, nir.Conv1d):
-        if isinstance(node.padding, str):
-            raise UnsupportedOpError(f"Conv1d {name!r}: string padding {node.padding!r} is not supported by this reader")
-        one = lambda v: int(np.atleast_1d(np.asarray(v)).astype(int)[0])  # noqa: E731
-        return Op(name, "conv1d", [], _shape(node.output_type), dict(
-            weight=f64(node.weight), bias=f64(node.bias), stride=one(node.stride), padding=one(node.padding),
-            dilation=one(node.dilation), groups=int(node.groups), in_len=one(node.input_shape)), **common)
-    if isinstance(node, nir.SumPool2d):
-        return Op(name, "sumpool2d", [], _shape(node.output_type), dict(
-            kernel=_tup(node.kernel_size), stride=_tup(node.stride), padding=_tup(node.padding)), **common)
-    if isinstance(node, nir.Flatten):
-        return Op(name, "flatten", [], _shape(node.output_type), dict(
-            start_dim=int(node.start_dim), end_dim=int(node.end_dim), in_shape=_shape(node.input_type)), **common)
-    if isinstance(node, nir.LIF):
-        tau = f64(node.tau)
-        q = tau / dt
-        q = np.where(np.isclose(q, np.round(q), rtol=1e-9, atol=0), np.round(q), q)
-        return Op(name, "lif", [], tuple(tau.shape), dict(
-            tau=tau, tau_steps=q, r=f64(node.r), v_leak=f64(node.v_leak), v_reset=f64(node.v_reset),
-            v_threshold=f64(node.v_threshold), v_threshold32=f64(node.v_threshold).astype(np.float32)), **common)
-    raise UnsupportedOpError(f"NIR node {name!r} of type {type(node).__name__} is not executable by this reader "
-                             f"(supported: Input, Output, Affine, Linear, Conv1d, Conv2d, SumPool2d, Flatten, LIF)")
+    common = dict(name=name, layer=_meta_str(md, "layer"), layout=_meta_str(md, "layout"),
+                  tokens=_meta_str(md, "tokens"), role=_meta_str(md, "role"))
+    try:
+        return table[type(node)](node, name, dt, common)
+    except IRError as e:
+        raise NirFormatError(f"NIR node {name!r}: {str(e).split(': ', 1)[-1]}") from None
+    except (TypeError, ValueError) as e:
+        raise NirFormatError(f"NIR node {name!r} has unreadable parameters ({e})") from None
 
 
 def read_description(graph) -> dict:
@@ -244,32 +184,21 @@ def read_description(graph) -> dict:
     return desc
 
 
-def _check_finite_params(name: str, op: Op) -> None:
-    """NaN/inf in a node's parameters (weights, biases, neuron constants) would silently poison every output."""
-    for k, v in op.params.items():
-        if isinstance(v, np.ndarray) and v.dtype.kind in "fc" and not np.isfinite(v).all():
-            raise NirFormatError(f"NIR node {name!r}: parameter {k!r} contains NaN or infinite values "
-                                 f"({int((~np.isfinite(v)).sum())} of {v.size})")
-    if op.kind == "lif" and (op.params["tau"] <= 0).any():
-        raise NirFormatError(f"NIR node {name!r}: LIF time constant tau must be positive")
-
-
-def _check_host_attrs(h: HostOp) -> None:
-    """The numbers a host operation reads from its attrs: heads a positive int, the rest finite (tau >= 1)."""
-    from stata_deploy.config import is_int, is_number
-
-    need = HOST_KINDS[h.kind][1]
-    missing = [k for k in need if k not in h.attrs]
+def _host_op(h: dict) -> HostOp:
+    """A host operation of the description as its core IR node (checked like any IR node)."""
+    name, kind = h["name"], h["kind"]
+    if kind not in HOST_KINDS:
+        raise UnsupportedOpError(f"host operation {name!r} of kind {kind!r} is unknown to this reader "
+                                 f"(known: {', '.join(HOST_KINDS)})")
+    attrs = dict(h.get("attrs", {}))
+    missing = [k for k in HOST_KINDS[kind][1] if k not in attrs]
     if missing:
-        raise NirFormatError(f"host operation {h.name!r} ({h.kind}) lacks attrs {missing}")
-    heads = h.attrs.get("heads", 1)
-    if not is_int(heads) or heads < 1:
-        raise NirFormatError(f"host operation {h.name!r}: heads must be a positive integer, got {heads!r}")
-    for k in ("scale", "v_th", "v_reset", "tau"):
-        v = h.attrs.get(k)
-        if v is not None and (not is_number(v) or not np.isfinite(float(v)) or (k == "tau" and v < 1)):
-            raise NirFormatError(f"host operation {h.name!r}: {k} must be a finite number"
-                                 + (" >= 1 (timesteps)" if k == "tau" else "") + f", got {v!r}")
+        raise NirFormatError(f"host operation {name!r} ({kind}) lacks attrs {missing}")
+    try:
+        node = host_node(name, kind, attrs)
+    except IRError as e:
+        raise NirFormatError(f"host operation {name!r}: {str(e).split(': ', 1)[-1]}") from None
+    return HostOp(node, tuple(h["inputs"]), h.get("output"), h.get("tokens"), h.get("layer"))
 
 
 def _check_host_wiring(host_ops: list[HostOp], ops: dict) -> None:
@@ -287,11 +216,11 @@ def _check_host_wiring(host_ops: list[HostOp], ops: dict) -> None:
         for p in h.inputs:
             if p in seen:
                 read.add(p)
-            elif p not in ops or ops[p].kind != "output":
+            elif not isinstance(ops.get(p), OutputPort):
                 raise NirFormatError(f"host operation {h.name!r} reads {p!r}, which is neither an output port of the "
                                      "graph nor an earlier host operation")
         if h.output is not None:
-            if h.output not in ops or ops[h.output].kind != "input" or h.output in ports_written:
+            if not isinstance(ops.get(h.output), InputPort) or h.output in ports_written:
                 raise NirFormatError(f"host operation {h.name!r} writes {h.output!r}, which is not an input port of "
                                      "the graph (or another host operation writes it too)")
             ports_written.add(h.output)
@@ -346,32 +275,25 @@ def from_nir(g, dt: float | None = None) -> Graph:
     import nir
 
     desc = read_description(g)
-    supported = (nir.Input, nir.Output, nir.Affine, nir.Linear, nir.Conv1d, nir.Conv2d, nir.SumPool2d, nir.Flatten,
-                 nir.LIF)
+    table = _read_table()
     for name, node in g.nodes.items():  # name an unsupported node before anything else goes wrong
         if isinstance(node, nir.NIRGraph):
             raise UnsupportedOpError(f"nested NIR subgraph {name!r} is not supported by this reader")
-        if not isinstance(node, supported):
+        if type(node) not in table:
             raise UnsupportedOpError(f"NIR node {name!r} of type {type(node).__name__} is not executable by this "
-                                     "reader (supported: Input, Output, Affine, Linear, Conv1d, Conv2d, SumPool2d, "
-                                     "Flatten, LIF)")
+                                     f"reader (supported: {SUPPORTED})")
     if dt is None and "dt" not in desc:
         raise NirFormatError("this NIR file is not one exported by stata-deploy (no 'stata_deploy' description in its "
                              "metadata), so its Euler step dt is unknown; export it with `stata-deploy export --to nir`"
                              " (Python API: pass dt=)")
     dt = _check_dt(dt if dt is not None else desc["dt"])
     T = _check_T(desc)
-    ops: dict[str, Op] = {}
-    for name, node in g.nodes.items():
-        try:
-            ops[name] = _lower_node(name, node, dt)
-        except (TypeError, ValueError) as e:
-            raise NirFormatError(f"NIR node {name!r} has unreadable parameters ({e})") from None
-        _check_finite_params(name, ops[name])
+    ops = {name: _read_node(table, name, node, dt) for name, node in g.nodes.items()}
+    inputs: dict[str, list[str]] = {name: [] for name in ops}
     for src, dst in g.edges:
         if src not in ops or dst not in ops:
             raise NirFormatError(f"the graph has an edge {src!r} -> {dst!r} to a node that does not exist")
-        ops[dst].inputs.append(src)
+        inputs[dst].append(src)
     version = desc.get("format_version")
     old_kinds = sorted({str(h.get("kind")) for h in desc.get("host_ops", []) if isinstance(h, dict)}
                        & set(OLD_HOST_KINDS))
@@ -382,16 +304,10 @@ def from_nir(g, dt: float | None = None) -> Graph:
         raise NirFormatError(f"written by a newer stata-deploy (NIR format {version}; this reader knows "
                              f"{NIR_FORMAT_VERSION}): update stata-deploy")
     try:
-        host_ops = [HostOp(h["name"], h["kind"], list(h["inputs"]), h.get("output"), dict(h.get("attrs", {})),
-                           h.get("tokens"), h.get("layer")) for h in desc.get("host_ops", [])]
+        host_ops = [_host_op(h) for h in desc.get("host_ops", [])]
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise NirFormatError(f"the file's description of its host operations is damaged ({type(e).__name__}: {e})") \
             from None
-    for h in host_ops:
-        if h.kind not in HOST_KINDS:
-            raise UnsupportedOpError(f"host operation {h.name!r} of kind {h.kind!r} is unknown to this reader "
-                                     f"(known: {', '.join(HOST_KINDS)})")
-        _check_host_attrs(h)
     _check_host_wiring(host_ops, ops)
     segments = {}
     try:
@@ -409,8 +325,9 @@ def from_nir(g, dt: float | None = None) -> Graph:
         if sid not in segments:
             raise NirFormatError(f"the description maps pruning site {site} to token segment {sid!r}, which it does "
                                  "not define")
-    order = _toposort(ops, host_ops)
+    order = _toposort(inputs, host_ops)
     ops = {n: ops[n] for n in order}
+    inputs = {n: tuple(inputs[n]) for n in order}
     try:
         order = desc.get("token_order")
         order = None if order is None else np.asarray(order, dtype=np.int64)
@@ -418,11 +335,11 @@ def from_nir(g, dt: float | None = None) -> Graph:
             raise ValueError("token_order must list distinct positions")
     except (TypeError, ValueError) as e:
         raise NirFormatError(f"the file's description of its token order is damaged ({e})") from None
-    graph = Graph(ops, host_ops, segments, T, dt, desc.get("input"), desc.get("logits"), desc, sites, order)
-    if graph.input is None:
-        ins = [o.name for o in ops.values() if o.kind == "input" and o.role is None]
-        graph.input = ins[0] if len(ins) == 1 else None
-    return graph
+    image = desc.get("input")
+    if image is None:
+        ins = [o.name for o in ops.values() if isinstance(o, InputPort) and o.role is None]
+        image = ins[0] if len(ins) == 1 else None
+    return Graph(ops, inputs, tuple(host_ops), segments, T, dt, image, desc.get("logits"), desc, sites, order)
 
 
 def read_graph(path: str | Path, dt: float | None = None) -> Graph:
@@ -444,8 +361,8 @@ def host_ports(host_ops: list[HostOp]) -> dict[str, set[str]]:
     return out
 
 
-def _toposort(ops: dict[str, Op], host_ops: list[HostOp]) -> list[str]:
-    deps = {n: set(o.inputs) for n, o in ops.items()}
+def _toposort(inputs: dict[str, list[str]], host_ops: list[HostOp]) -> list[str]:
+    deps = {n: set(ins) for n, ins in inputs.items()}
     ports = host_ports(host_ops)
     for h in host_ops:
         if h.output is not None:
@@ -467,7 +384,7 @@ def _toposort(ops: dict[str, Op], host_ops: list[HostOp]) -> list[str]:
     import sys
 
     sys.setrecursionlimit(max(10000, sys.getrecursionlimit()))
-    for n in ops:
+    for n in inputs:
         visit(n)
     return order
 
@@ -559,28 +476,28 @@ class _State:
 # ------------------------------------------------------------------------- host operations, one per IR node kind
 # f(h, st, mask, *inputs) -> result; inputs (B, ...) arrays; mask: the (n,) schedule of h.tokens at t, or None.
 def _scaled(h, y):
-    """A Product's output times its ``scale`` (1 when absent)."""
-    s = float(h.attrs.get("scale", 1.0))
+    """A Product's output times its ``scale``."""
+    s = float(h.node.scale)
     return y if s == 1.0 else y * s
 
 
 def _h_qk(h, st, mask, q, k):
-    H = int(h.attrs["heads"])
+    H = h.node.heads
     return _scaled(h, _heads(q, H) @ _heads(k, H).transpose(0, 1, 3, 2))
 
 
 def _h_av(h, st, mask, a, v):
-    y = _unheads(_scaled(h, a @ _heads(v, int(h.attrs["heads"]))), v.shape[1:])
+    y = _unheads(_scaled(h, a @ _heads(v, h.node.heads)), v.shape[1:])
     return y if mask is None else y * mask
 
 
 def _h_ktv(h, st, mask, k, v):
-    H = int(h.attrs["heads"])
+    H = h.node.heads
     return _scaled(h, _heads(k, H).transpose(0, 1, 3, 2) @ _heads(v, H))
 
 
 def _h_qktv(h, st, mask, q, m):
-    y = _unheads(_scaled(h, _heads(q, int(h.attrs["heads"])) @ m), q.shape[1:])
+    y = _unheads(_scaled(h, _heads(q, h.node.heads) @ m), q.shape[1:])
     return y if mask is None else y * mask
 
 
@@ -592,7 +509,7 @@ def _h_relu(h, st, mask, x):
 def _h_ternary(h, st, mask, x):
     if mask is not None:
         x = x * mask  # a masked token's neuron gets no input
-    tau, vth, vr = float(h.attrs["tau"]), float(h.attrs["v_th"]), float(h.attrs["v_reset"])
+    tau, vth, vr = float(h.node.tau), float(h.node.v_th), float(h.node.v_reset)
     V = st.v.get(h.name)
     if V is None:
         V = np.full_like(x, vr)
@@ -602,7 +519,8 @@ def _h_ternary(h, st, mask, x):
     return s if mask is None else s * mask
 
 
-# kind -> (inputs, attrs it needs, function). A new host kind (a new IR Product or Neuron kind) is one entry here.
+# IR node kind -> (inputs, attrs the description must give, function). A new host kind (a new IR Product or Neuron
+# kind) is one entry here.
 HOST_KINDS: dict[str, tuple] = {
     "qk": (2, ("heads",), _h_qk),
     "av": (2, ("heads",), _h_av),
@@ -638,7 +556,7 @@ def simulate(graph: Graph, feeds: dict[str, np.ndarray], record: bool = True, st
     host_by_out = {h.output: h for h in graph.host_ops if h.output is not None}
     by_name = {h.name: h for h in graph.host_ops}
     for name, op in graph.ops.items():
-        if op.kind == "input" and name not in host_by_out and name not in feeds:
+        if isinstance(op, InputPort) and name not in host_by_out and name not in feeds:
             raise StataError(f"no value fed to input port {name!r} (a host-operation result or a segment input)")
     st = _State(strict_ties)
     outputs: dict[str, list] = {}
@@ -650,23 +568,24 @@ def simulate(graph: Graph, feeds: dict[str, np.ndarray], record: bool = True, st
         hvals: dict[str, np.ndarray] = {}
         for name, op in graph.ops.items():
             m = masks_t.get(op.tokens) if op.tokens else None
-            if op.kind == "input":
+            if isinstance(op, InputPort):
                 if name in host_by_out:
                     y = _run_host(host_by_out[name], vals, hvals, by_name, st, masks_t, records, record)
                 else:
                     y = np.asarray(feeds[name][t], dtype=np.float64)
             else:
-                if op.inputs:
-                    x = vals[op.inputs[0]]
-                    for s in op.inputs[1:]:
+                ins = graph.inputs[name]
+                if ins:
+                    x = vals[ins[0]]
+                    for s in ins[1:]:
                         x = x + vals[s]
                 else:
                     x = np.zeros((B, *op.shape))
-                y = _apply(op, x, st, m)
+                y = APPLY[type(op)](op, x, st, m)
             if m is not None:
                 y = y * m
             vals[name] = y
-            if op.kind == "output":
+            if isinstance(op, OutputPort):
                 outputs.setdefault(name, []).append(y)
             if record and op.layer:
                 records.setdefault(name, []).append(y)
@@ -674,35 +593,29 @@ def simulate(graph: Graph, feeds: dict[str, np.ndarray], record: bool = True, st
     return outs, records
 
 
-def _apply(op: Op, x: np.ndarray, st: _State, mask) -> np.ndarray:
-    p = op.params
-    k = op.kind
-    if k == "output":
-        return x
-    if k == "affine":
-        W = p["weight"]
-        y = np.einsum("...oi,b...i->b...o", W, x, optimize=True)
-        return y + p["bias"]
-    if k == "conv2d":
-        return conv2d(x, p["weight"], p["bias"], p["stride"], p["padding"], p["dilation"], p["groups"])
-    if k == "conv1d":
-        return conv1d(x, p["weight"], p["bias"], p["stride"], p["padding"], p["dilation"], p["groups"])
-    if k == "sumpool2d":
-        return sumpool2d(x, p["kernel"], p["stride"], p["padding"])
-    if k == "flatten":
-        B = x.shape[0]
-        return x.reshape(B, *op.shape)
-    if k == "lif":
-        if mask is not None:
-            x = x * mask  # a masked token receives no input: its membrane decays
-        V = st.v.get(op.name)
-        if V is None:
-            V = np.broadcast_to(p["v_reset"], x.shape).astype(np.float64)
-        H = V + (p["r"] * x - (V - p["v_leak"])) / p["tau_steps"]
-        s = (H.astype(np.float32) > p["v_threshold32"]).astype(np.float64)  # NIR's v > v_threshold, in float32
-        st.v[op.name] = np.where(s != 0, p["v_reset"], H)
-        return s
-    raise UnsupportedOpError(f"op {op.name!r} of kind {k!r} cannot be executed")
+# ------------------------------------------------------------------------- lowered nodes, one function per type
+# f(node, x, state, mask) -> output; x: the sum of the node's inputs (B, *in_shape); mask: its schedule at t or None.
+def _x_lif(op: LIF, x, st, mask):
+    if mask is not None:
+        x = x * mask  # a masked token receives no input: its membrane decays
+    V = st.v.get(op.name)
+    if V is None:
+        V = np.broadcast_to(op.v_reset, x.shape).astype(np.float64)
+    H = V + (op.r * x - (V - op.v_leak)) / op.tau_steps
+    s = (H.astype(np.float32) > op.v_threshold32).astype(np.float64)  # NIR's v > v_threshold, in float32
+    st.v[op.name] = np.where(s != 0, op.v_reset, H)
+    return s
+
+
+APPLY: dict[type, object] = {  # lowered node type -> f(node, x, state, mask); InputPort is fed, not applied
+    OutputPort: lambda op, x, st, m: x,
+    Affine: lambda op, x, st, m: np.einsum("...oi,b...i->b...o", op.weight, x, optimize=True) + op.bias,
+    Conv2d: lambda op, x, st, m: conv2d(x, op.weight, op.bias, op.stride, op.padding, op.dilation, op.groups),
+    Conv1d: lambda op, x, st, m: conv1d(x, op.weight, op.bias, op.stride, op.padding, op.dilation, op.groups),
+    SumPool2d: lambda op, x, st, m: sumpool2d(x, op.kernel, op.stride, op.padding),
+    Flatten: lambda op, x, st, m: x.reshape(x.shape[0], *op.shape),
+    LIF: _x_lif,
+}
 
 
 def _ascending(pos: np.ndarray) -> np.ndarray:
@@ -831,19 +744,19 @@ def inspect_graph(graph: Graph) -> dict:
     for op in graph.ops.values():
         kinds[op.kind] = kinds.get(op.kind, 0) + 1
         n_syn = 0
-        if op.kind == "lif":
+        if isinstance(op, LIF):
             if op.role == "gate":
                 gates += int(np.prod(op.shape))
             else:
                 neurons += int(np.prod(op.shape))
-        elif op.kind == "affine":
-            n_syn = int(np.count_nonzero(op.params["weight"]))
-        elif op.kind in ("conv1d", "conv2d"):
-            p = op.params
-            in_hw = p.get("in_len") if op.kind == "conv1d" else p.get("in_hw")
+        elif isinstance(op, Affine):
+            n_syn = int(np.count_nonzero(op.weight))
+        elif isinstance(op, (Conv1d, Conv2d)):
+            in_hw = op.in_len if isinstance(op, Conv1d) else op.in_hw
+            ins = graph.inputs[op.name]
             if in_hw is None:  # no input_shape in the file: the predecessor's output
-                in_hw = graph.ops[op.inputs[0]].shape[1:] if op.inputs else op.shape[1:]
-            n_syn = conv_synapses(p["weight"], in_hw, p["stride"], p["padding"], p["dilation"])
+                in_hw = graph.ops[ins[0]].shape[1:] if ins else op.shape[1:]
+            n_syn = conv_synapses(op.weight, in_hw, op.stride, op.padding, op.dilation)
         if n_syn:
             synapses += n_syn
             syn_role[op.role or "weights"] = syn_role.get(op.role or "weights", 0) + n_syn
@@ -856,9 +769,9 @@ def inspect_graph(graph: Graph) -> dict:
                 p = by_name[p].inputs[0]
             host_neurons += int(np.prod(graph.ops[p].shape))
     ports_in = [dict(name=o.name, shape=list(o.shape), role=o.role or "image") for o in graph.ops.values()
-                if o.kind == "input"]
+                if isinstance(o, InputPort)]
     ports_out = [dict(name=o.name, shape=list(o.shape), role=o.role or ("logits" if o.name == graph.logits else None))
-                 for o in graph.ops.values() if o.kind == "output"]
+                 for o in graph.ops.values() if isinstance(o, OutputPort)]
     segs = {}
     for sid, s in graph.segments.items():
         segs[sid] = dict(site=s.site, tokens_in_graph=int(len(s.positions)), kept_per_timestep=s.schedule.sum(1).tolist(),

@@ -1,6 +1,7 @@
 """NIR export + our reader: standard files, lossless rewrite, round-trip spike parity, masks, split, errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -169,8 +170,8 @@ def test_sdsa_is_complete_standard_graph_ssa_uses_ports(tmp_path, xcal):
     assert desc["exact_without_metadata"] is False and "NOT runnable" in desc["standard_reader_computes"]
     G = read_graph_from(g, tmp_path)
     with pytest.raises(StataError, match="no value fed"):
-        G.host_ops = []  # a reader that ignores host ops must fail loudly, not compute something else
-        simulate(G, {"input": np.zeros((4, 2, 1, 8, 8))})
+        # a reader that ignores host ops must fail loudly, not compute something else
+        simulate(dataclasses.replace(G, host_ops=()), {"input": np.zeros((4, 2, 1, 8, 8))})
 
 
 def read_graph_from(g, tmp_path):
@@ -213,7 +214,7 @@ def test_split_writes_runnable_standard_segments(tmp_path, xcal, xin):
         assert {type(n).__name__ for n in g.nodes.values()} <= STANDARD
         assert verify_lossless(f) == []
     G0 = read_graph(res["files"][1])
-    assert G0.host_ops == []
+    assert G0.host_ops == ()
     outs, recs = simulate(G0, {"input": np.broadcast_to(xin, (4, *xin.shape))})
     ref = run_torch(model, torch.as_tensor(xin))
     q = outs["blocks.0.attn.host.q"]  # (T, B, D, 8, 8) -> (T, B, N, D)
@@ -398,3 +399,63 @@ def test_new_product_kind_is_a_host_op_the_reader_names(tmp_path, xcal, monkeypa
                                    metadata={description.META_KEY: description.encode(desc)}))
     with pytest.raises(UnsupportedOpError, match="host operation 'blocks.0.attn.qktv' of kind 'qktv2' is unknown"):
         read_graph(p)
+
+
+@pytest.mark.parametrize("preset", ["spikformer-tiny", "a2os2a-tiny"])
+def test_reader_host_operations_are_the_models_ir_nodes(tmp_path, xcal, preset):
+    """Read back, every host operation's node is the core IR node the exporter lowered (same type, kind and
+    fields), and every NIR node is a typed node of the lowered dialect: one description of the network."""
+    from stata_deploy.ir import build_ir, lowered
+    from stata_deploy.ir.passes import FoldBatchNorm
+
+    model, _ = model_for(preset, "none", xcal)
+    ir = build_ir(model).transform(FoldBatchNorm())
+    G = read_graph(_export(tmp_path / "m.nir", model, None))
+    assert G.host_ops and all(h.node == ir.node(h.name) for h in G.host_ops)
+    assert {type(o) for o in G.ops.values()} <= set(lowered.Lowered.__subclasses__())
+    assert all(set(G.inputs[n]) <= set(G.ops) for n in G.ops)
+
+
+def test_lowered_nodes_check_their_fields():
+    """Lowered nodes refuse what would poison a run, are read-only, and host nodes take only their IR fields."""
+    from stata_deploy.ir import lowered
+    from stata_deploy.ir.nodes import IRError, Product
+
+    one = np.ones(3)
+    lif = dict(name="n", shape=(3,), tau=one, tau_steps=one, r=one, v_leak=0 * one, v_reset=0 * one, v_threshold=one)
+    node = lowered.LIF(**lif)
+    with pytest.raises(ValueError):
+        node.tau[0] = 2.0  # a read-only copy
+    with pytest.raises(IRError, match="'v_threshold' contains NaN"):
+        lowered.LIF(**dict(lif, v_threshold=np.array([1.0, np.nan, 1.0])))
+    with pytest.raises(IRError, match="tau must be positive"):
+        lowered.LIF(**dict(lif, tau=-one))
+    with pytest.raises(IRError, match="weight must be"):
+        lowered.Affine(name="a", shape=(3,), weight=one, bias=one)
+    assert lowered.host_node("p", "qk", {"heads": 2, "scale": 0.5}) == Product(name="p", kind="qk", heads=2, scale=0.5)
+    with pytest.raises(IRError, match="heads must be a positive integer"):
+        lowered.host_node("p", "qk", {"heads": 0})
+    with pytest.raises(TypeError, match="unknown attrs"):
+        lowered.host_node("p", "qk", {"heads": 2, "tau": 2.0})
+    with pytest.raises(KeyError):
+        lowered.host_node("n", "lif", {})  # a LIF is a NIR node, never a host operation
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"heads": 0}, "host operation 'blocks.0.attn.qk': heads must be a positive integer"),
+    ({"scale": float("inf")}, "scale must be a finite non-zero number"),
+    ({"tau": 2.0}, "unknown attrs ['tau']"),
+    (None, "lacks attrs ['heads']"),
+])
+def test_reader_refuses_host_operations_with_bad_fields(tmp_path, xcal, change, words):
+    """A damaged host operation is refused by its IR node's own checks, naming the operation and the field."""
+    from stata_deploy.description import META_KEY
+
+    model, _ = model_for("spikformer-tiny", "none", xcal)
+    g, desc = build_graph(model, None)
+    ops = [dict(o) for o in desc["host_ops"]]
+    ops[0]["attrs"] = {} if change is None else dict(ops[0]["attrs"], **change)
+    g.metadata = {META_KEY: json.dumps(dict(desc, host_ops=ops))}
+    with pytest.raises(StataError) as e:
+        read_graph_from(g, tmp_path)
+    assert words in str(e.value) and "\n" not in str(e.value)
