@@ -24,10 +24,11 @@ Lava's own processes (issue 14)
     ``lava.proc.sparse.Sparse`` -> ``lava.proc.lif.LIFReset`` (``_lava_pair``): du = 1, dv = 1/tau, weights and bias
     scaled by r/tau, vth = the file's v_threshold (Lava's strict ``>`` is NIR's rule), reset every T steps at the
     layer's model timestep 0; the batch is flattened sample-major into a block-diagonal kron(I_B, W) on (B * N,)
-    (the worker connects (B, ...) ports of ours through Lava ReshapePorts). Ours stay for what lava.proc lacks:
-    products of two spike trains (Op2 matmul), ReLU / ternary neurons, layers of token segments whose schedule
-    drops tokens at some timesteps (no input, no bias then), biased synapses without a LIF (the head: Lava's
-    Sparse has no bias), reshapes and the sums not split as below.
+    (the worker connects (B, ...) ports of ours through Lava ReshapePorts). A pair of a token segment whose schedule
+    drops tokens at some timesteps (no input, no bias then) is Lava's too, with its bias on a second Sparse from our
+    0/1 gate per token (``_lava_masked_pair``). Ours stay for what lava.proc lacks: products of two spike trains
+    (Op2 matmul), ReLU / ternary neurons, the schedule's gates (Op1 ``mask`` / ``ones``), biased synapses without a
+    LIF (the head: Lava's Sparse has no bias), reshapes and the sums not split as below.
     ``LavaRuntime.process_kinds`` counts both; ``lava_procs=False`` builds everything from ours (for comparison).
     Also: a bias-free synapse on its own (token selection / placement) is Lava's Sparse; a LIF fed by one product
     or sum (SSA / A2OS2A attn_lif, SDSA's spike ANDs) is Lava's LIFReset with that Op2's output scaled by r/tau;
@@ -503,8 +504,12 @@ class _Builder:
                 if syns:
                     if len(syns) != len(p["inputs"]):
                         raise AssertionError(f"{name}: a LIF fed by a Lava Sparse and something else")
-                    ks, entry = loihi_layer([s["kwargs"]["weights"] for s, _ in syns], [g for _, g in syns],
-                                            k["bias_mant"], k["vth"], 1.0 / k["dv"], netx=self.netx_input)
+                    gated = [s for s, _ in syns if s.get("gated_bias")]  # last (see _lava_masked_pair)
+                    syns = [sg for sg in syns if not sg[0].get("gated_bias")] + [(s, 1.0) for s in gated]
+                    ks, entry = loihi_layer([s["kwargs"]["weights"] for s, _ in syns[:len(syns) - len(gated)]],
+                                            [g for _, g in syns], k["bias_mant"], k["vth"], 1.0 / k["dv"],
+                                            netx=self.netx_input,
+                                            gated_bias=gated[0]["kwargs"]["weights"] if gated else None)
                     if syns[0][1] is None:
                         pixel_grid(ks["in_grid"])
                     for (s, _), sk in zip(syns, ks["sparse"]):
@@ -539,6 +544,8 @@ class _Builder:
             return g if k["neu"].get("kind", "lif") == "relu" else 1.0
         if cls == "Neuron":
             return gin[0] if k.get("kind", "lif") == "relu" else 1.0
+        if cls == "Op1" and k["kind"] == "ones":
+            return 1.0  # ones and zeros, integers as they are
         if cls == "Op2":
             if k["kind"] == "matmul":
                 g = gin[0] * gin[1] * abs(float(k["params"].get("scale", 1.0)))
@@ -580,7 +587,12 @@ class _Builder:
             if s is not None and s["cls"] == "Synapse" and consumers.get(s["name"]) == 1:
                 gone.add(s["name"])
                 neu = {**dict(tau_steps=TAU, r=1.0, v_leak=V_RESET, v_th=V_TH, v_reset=V_RESET), **p["kwargs"]}
-                pair = _lava_pair(s, p["name"], neu) if lava else None
+                pair = None
+                if lava:
+                    pair = _lava_pair(s, p["name"], neu)
+                    if pair is None:
+                        pair = _lava_masked_pair(s, p["name"], neu, _masked_by(s["inputs"][0], s["kwargs"].get("mask"),
+                                                                              by_name))
                 if pair is not None:
                     out.extend(pair)
                     continue
@@ -601,6 +613,7 @@ class _Builder:
         for src, _, _ in self.records.values():
             consumers[src] = consumers.get(src, 0) + 1
         by_name = {p["name"]: p for p in procs}
+        built = {p["name"]: p for p in self.procs}  # before fusing: every process with its token mask
         out = []
         for p in procs:
             k = p["kwargs"]
@@ -619,6 +632,8 @@ class _Builder:
             elif p["cls"] == "Neuron":
                 src = by_name.get(p["inputs"][0])
                 neu = {**dict(tau_steps=TAU, r=1.0, v_leak=V_RESET, v_th=V_TH, v_reset=V_RESET), **k}
+                if _masked_by(p["inputs"][0], neu.get("mask"), built):  # no input at a dropped token already
+                    neu = {**neu, "mask": None}
                 lif = _lava_lif(p["name"], p["inputs"], neu, None, int(k["T"]), int(k["lag"])) \
                     if src is not None and src["cls"] == "Op2" and consumers.get(src["name"]) == 1 else None
                 if lif is not None:
@@ -726,7 +741,7 @@ def _lif_params(q, bias, v_thr, tau):
 
 
 def loihi_layer(weights: list, in_grids: list, bias, v_thr: float, tau: float,
-                netx: bool = False) -> tuple[dict, dict]:
+                netx: bool = False, gated_bias=None) -> tuple[dict, dict]:
     """Quantise one standard layer, Lava ``Sparse`` (one, or two carrying the same matrix into one LIF) ->
     ``LIFReset``, ONCE, for Lava's bit-accurate models (``PySparseModelBitAcc``, ``PyLifResetModelBitAcc``), by
     ``stata_deploy.loihi_fixed`` (the rules; the netx exporter uses the same).
@@ -736,6 +751,9 @@ def loihi_layer(weights: list, in_grids: list, bias, v_thr: float, tau: float,
     bias_mant (r / tau folded in); v_thr: NIR's v_threshold; tau: 1 / the float dv. Two Sparse of different input
     grids get exponents that give them the same input quantum q. netx: the image layer as the netx exporter
     writes it (no weight exponent; ``loihi_fixed.layer_scale``).
+    gated_bias: the float csr matrix of a gated bias Sparse (``_lava_masked_pair``; its input: ones, grid 1),
+    quantised after the layer's q is known with an exponent of its own (``loihi_fixed.bias_weights``), last in the
+    returned list.
     Returns ({"sparse": [kwargs per Sparse], "lif": LIF kwargs, "in_grid": the first input's grid}, report)."""
     sc = loihi_fixed.layer_scale(np.concatenate([w.data for w in weights]), v_thr, in_grids[0], netx=netx)
     grids = [sc["in_grid"]] + list(in_grids[1:])
@@ -749,6 +767,12 @@ def loihi_layer(weights: list, in_grids: list, bias, v_thr: float, tau: float,
         err = max(err, float(np.abs(wi.data * sc["g"] - w.data).max(initial=0)))
         sparse.append(dict(weights=wi, weight_exp=int(round(ei)), num_weight_bits=8))
     lif, rep = _lif_params(sc["q"], bias, v_thr, tau)
+    if gated_bias is not None:
+        wb = gated_bias.tocsr().copy()
+        wb.data, bexp = loihi_fixed.bias_weights(wb.data, sc["q"])
+        rep["max_bias_error"] = float(np.abs(wb.data * sc["q"] * 2.0 ** bexp - gated_bias.tocsr().data).max(initial=0))
+        rep["bias_exp"] = bexp
+        sparse.append(dict(weights=wb, weight_exp=bexp, num_weight_bits=8))
     return ({"sparse": sparse, "lif": lif, "in_grid": sc["in_grid"]},
             dict(process="lava", sign_mode=sc["mode"], weight_bits=8, weight_scale=sc["g"],
                  weight_exp=sparse[0]["weight_exp"], in_grid=sc["in_grid"], max_weight_error=err,
@@ -818,6 +842,62 @@ def _lava_pair(syn: dict, name: str, neu: dict) -> list[dict] | None:
         lif["kwargs"]["bias_mant"] = \
             np.broadcast_to(np.asarray(k["bias"], dtype=np.float64) * c, k["out_shape"]).reshape(-1).copy()
     return [_lava_sparse(syn["name"], syn["inputs"], k, c), lif]
+
+def _masked_by(name: str, mask, by_name: dict) -> bool:
+    """Whether process ``name``'s output is 0 at every token that ``mask`` drops at each timestep: it applies that
+    same schedule itself, or it is a sum or a delay of such outputs."""
+    if mask is None:
+        return True
+    p = by_name.get(name)
+    if p is None:
+        return False
+    m = p["kwargs"].get("mask")
+    if m is not None and np.array_equal(np.asarray(m), np.asarray(mask)):
+        return True
+    if p["cls"] == "Delay" or (p["cls"] == "Op2" and p["kwargs"]["kind"] == "add"):
+        return all(_masked_by(i, mask, by_name) for i in p["inputs"])
+    return False
+
+
+def _lava_masked_pair(syn: dict, name: str, neu: dict, input_masked: bool) -> list[dict] | None:
+    """A fused Synapse -> LIF pair of a token segment whose schedule drops tokens at some timesteps, on Lava's own
+    ``Sparse`` -> ``LIFReset``, or None when it is not a per-token layer (``mode == "cf"``) with the neuron's own
+    schedule. A dropped token's neuron must get no input and no bias at that timestep (our Neuron's contract); Lava's
+    LIF adds its bias every step, so the bias leaves the LIF: it arrives as a second Sparse (weights b r/tau, token j
+    -> every channel of token j) from our Op1 ``ones`` (1 at each kept token at t, 0 at a dropped one), summed into
+    the same ``a_in``. The synapse mixes no tokens, so W x is 0 at a token whose input is 0: the input is gated by
+    our Op1 ``mask`` (left out when its producer is masked by the same schedule, ``input_masked``). The membrane of
+    a dropped token then decays (v (1 - dv)) and cannot spike, as in torch. Ours: the one or two Op1 gates."""
+    k = syn["kwargs"]
+    mask = k.get("mask")
+    if k["mode"] != "cf" or len(k["in_shape"]) != 3 or not np.array_equal(np.asarray(mask), np.asarray(neu.get("mask"))):
+        return None
+    T, lag = int(k["T"]), int(k["lag"])
+    lif = _lava_lif(name, [syn["name"]], {**neu, "mask": None}, None, T, lag)
+    if lif is None:
+        return None
+    c = lif.pop("scale")
+    B, (Co, n) = k["in_shape"][0], k["out_shape"][1:]
+    out, x = [], syn["inputs"][0]
+    gate = lambda kind, base, shape: dict(  # noqa: E731 - our Op1 at the synapse input's timing
+        cls="Op1", name=f"{syn['name'][:52]}.{base}", inputs=[syn["inputs"][0]], in_ports=["in0"],
+        kwargs=dict(kind=kind, in_shape=k["in_shape"], out_shape=(B, *shape), params={}, T=T, lag=lag - 1, mask=mask))
+    if not input_masked:
+        out.append(gate("mask", "gate", k["in_shape"][1:]))
+        x = out[-1]["name"]
+    out.append(_lava_sparse(syn["name"], [x], k, c))
+    if k.get("bias") is not None:
+        ones = gate("ones", "ones", (1, n))
+        b = np.broadcast_to(np.asarray(k["bias"], dtype=np.float64), (Co, n)).reshape(-1) * c
+        W = sp.csr_matrix((b, (np.arange(Co * n), np.tile(np.arange(n), Co))), shape=(Co * n, n))
+        W.eliminate_zeros()
+        bias = dict(cls="lava:Sparse", name=f"{syn['name'][:52]}.bias", inputs=[ones["name"]], in_ports=["s_in"],
+                    block_diag=B, gated_bias=True, kwargs=dict(weights=W, num_message_bits=24))
+        out += [ones, bias]
+        lif["inputs"] = [syn["name"], bias["name"]]
+        lif["in_ports"] = ["a_in", "a_in"]
+    return out + [lif]
+
 
 # ------------------------------------------------------------------------------------------- lowering
 def _conv_matrix(w: np.ndarray, in_shape, stride, padding, dilation, groups) -> tuple[sp.csr_matrix, tuple]:

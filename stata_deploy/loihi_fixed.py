@@ -26,6 +26,9 @@ q: the membrane value of one a_in unit (v = V * 64 / q).
   off the grid (after a decay truncates) the threshold sits up to one q below.
 - Bias: round(b / q) in a_in units as a 13-bit mantissa with bias_exp 6 (netx's fixed exponent: bias_mant << 6 is in
   the same units as a_in << 6), a larger exponent only if 13 bits do not hold it (then clipped at exponent 7).
+- Gated bias (a layer whose tokens are dropped at some timesteps: its bias must not reach a dropped token, so it
+  arrives as a second Sparse from a 0/1 source per token): 8-bit mantissas of b / (q 2^e) (sign mode as for
+  weights) with the smallest exponent e in [0, 7] that holds the largest |b|: the bias on the grid q 2^e.
 - Decays: du = 4095 (+ Lava's ds_offset 1: the current forgets every step, u = a_in << 6); dv = round(4096 / tau)
   to the nearest integer, at most 4095 (12 bits: tau = 1 keeps trunc(v / 4096) of the state).
 """
@@ -81,6 +84,19 @@ def quantise_weights(values: np.ndarray, scale: dict) -> np.ndarray:
     """W_int = step * round(w / (step g)) as int32 (to nearest)."""
     st, g = scale["step"], scale["g"]
     return (st * np.rint(np.asarray(values, dtype=np.float64) / (st * g))).astype(np.int32)
+
+
+def bias_weights(values: np.ndarray, q: float) -> tuple[np.ndarray, int]:
+    """A gated bias (a_in value of each bias synapse; its input is 0 / 1) as Lava Sparse integers on the layer's
+    input quantum q: (W_int, weight_exp) with W_int 8-bit mantissas (``sign_mode``) and the smallest weight_exp in
+    [0, 7] whose grid q 2^weight_exp holds the largest |value| (rounded to nearest, clipped at exponent 7)."""
+    d = np.asarray(values, dtype=np.float64) / q
+    _, step, mmax = sign_mode(d)
+    e = 0
+    while e < 7 and np.abs(np.rint(d / (step * 2.0 ** e))).max(initial=0) > mmax:
+        e += 1
+    m = np.clip(np.rint(d / (step * 2.0 ** e)), -mmax, mmax)
+    return (step * m).astype(np.int32), e
 
 
 def lif_params(q: float, bias, v_thr: float, tau: float) -> tuple[dict, dict]:

@@ -112,9 +112,10 @@ def test_parity_with_torch_every_layer_and_sops(nir_files, lava_rts, digits, att
 
 @needs_lava
 def test_standard_layers_are_lavas_own_processes(nir_files, lava_rts):
-    """Issue 14: every synapse -> LIF pair that Lava's own processes express exactly (no dropped tokens in its
-    schedule, zero leak / reset) is lava.proc.sparse.Sparse -> lava.proc.lif.LIFReset; ours remain only for the rest
-    (products, ReLU / ternary neurons, masked token layers, delays, reshapes, sums)."""
+    """Issue 14: every synapse -> LIF pair (zero leak / reset; per-timestep token schedules included: the bias
+    then arrives gated, on a second Sparse) is lava.proc.sparse.Sparse -> lava.proc.lif.LIFReset, and so is a LIF
+    fed by one product; ours remain only for the rest (products, ReLU / ternary neurons, the schedule's gates,
+    reshapes, sums)."""
     for att, rt in lava_rts.items():
         kinds = rt.process_kinds
         assert kinds["lava.proc.sparse.Sparse"] >= 8 and kinds["lava.proc.lif.LIFReset"] >= 8, (att, kinds)
@@ -124,16 +125,18 @@ def test_standard_layers_are_lavas_own_processes(nir_files, lava_rts):
                                                            ("Synapse", "Neuron", "SynapseNeuron", "Op1", "Op2",
                                                             "Delay")}
         procs = rt._builder.spec(buffer=1)["procs"]
-        for p in procs:  # a fused pair left ours is a ReLU / ternary neuron or a layer with dropped tokens
+        for p in procs:  # a neuron left ours is a ReLU / ternary neuron, never a LIF
             if p["cls"] == "SynapseNeuron":
-                neu, syn = p["kwargs"]["neu"], p["kwargs"]["syn"]
-                masked = any(m is not None and not np.asarray(m).all() for m in (neu["mask"], syn["mask"]))
-                assert neu["kind"] != "lif" or masked, (att, p["name"])
-            if p["cls"] == "Neuron":  # an unfused neuron left ours: not a LIF, or masked, or not fed by one product
-                masked = p["kwargs"]["mask"] is not None and not np.asarray(p["kwargs"]["mask"]).all()
-                assert p["kwargs"]["kind"] != "lif" or masked, (att, p["name"])
+                assert p["kwargs"]["neu"]["kind"] != "lif", (att, p["name"])
+            if p["cls"] == "Neuron":
+                assert p["kwargs"]["kind"] != "lif", (att, p["name"])
             if p["cls"] == "Synapse":  # a lone synapse left ours has a bias (Lava's Sparse has none) or a mask
                 assert p["kwargs"]["bias"] is not None or p["kwargs"]["mask"] is not None, (att, p["name"])
+        dropped = [p for p in rt._builder.procs if p["cls"] == "Neuron" and p["kwargs"]["kind"] == "lif"
+                   and p["kwargs"]["mask"] is not None and not np.asarray(p["kwargs"]["mask"]).all()]
+        assert bool(dropped) == (att != "a2os2a")  # ssa, sdsa: per-timestep masks that drop tokens, on Lava's LIF
+        lif_names = {q["name"] for q in procs if q["cls"] == "lava:LIFReset"}
+        assert all(p["name"] in lif_names for p in dropped), att
         by_name = {p["name"]: p for p in procs}
         pairs = sum(p["cls"] == "lava:LIFReset" and by_name[p["inputs"][0]]["cls"] == "lava:Sparse" for p in procs)
         assert sum(p["cls"] == "SynapseNeuron" for p in procs) + pairs == \
@@ -210,6 +213,42 @@ def test_fixed_point_reports_quantisation_and_accuracy_cost(tmp_path, digits):
     print(f"\nfixed point: {mism} of {total} spikes differ, agreement {agree}, accuracy {acc_t} -> {acc_f}")
     assert mism < 0.1 * total  # quantisation changes some spikes, not the network
     assert agree >= 0.75
+
+
+@needs_lava
+def test_fixed_point_runs_dropped_tokens_on_lavas_integer_lif(tmp_path, digits):
+    """Per-timestep masks in fixed point: the masked layers are Lava's bit-accurate Sparse -> LIFReset with the
+    bias on a gated Sparse (8-bit mantissas, exponent in [0, 7], LIF bias 0) fed by our 0/1 gate; the spikes stay
+    close to torch's."""
+    from exporters.nir_exporter import NirExporter
+    from stata_deploy.inference import run_torch
+
+    from runtimes.lava_runtime import LavaRuntime
+
+    model = lively_model("ssa", anchor=True, depth=2)
+    masks = random_masks(model.cfg)
+    path = tmp_path / "masked.nir"
+    NirExporter().export(model, masks, path)
+    x = digits.x_test[:BATCH]
+    ref = run_torch(model, torch.as_tensor(x), masks)
+    with LavaRuntime(path, precision="fixed", batch=BATCH, timeout=300) as rt:
+        res = rt.run(x)
+        procs = rt._builder.spec(buffer=1)["procs"]
+    gated = [p for p in procs if p.get("gated_bias")]
+    assert len(gated) >= 6
+    by_name = {p["name"]: p for p in procs}
+    for p in gated:
+        k = p["kwargs"]
+        assert k["weights"].dtype == np.int32 and np.abs(k["weights"].data).max() <= 255 and 0 <= k["weight_exp"] <= 7
+        lif = next(q for q in procs if p["name"] in q["inputs"])
+        assert lif["cls"] == "lava:LIFReset" and not np.any(lif["kwargs"]["bias_mant"]), lif["name"]
+        assert by_name[p["inputs"][0]]["kwargs"]["kind"] == "ones"
+    mism, total, _, agree = compare(ref, res)
+    dlogit = float(np.abs(res.logits_t.mean(0) - ref.logits_t.mean(0)).max())
+    print(f"\nfixed point, per-timestep masks: {mism} of {total} spikes differ, max |logit diff| {dlogit:.3f}")
+    # (an untrained model's logits lie within ~0.1 of each other: agreement says little here; the trained demo
+    # model's figures are in the README)
+    assert mism < 0.1 * total and dlogit < 0.25
 
 
 def _group_gone(pgid: int, timeout: float = 15.0) -> bool:

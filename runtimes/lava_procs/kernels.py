@@ -2,14 +2,15 @@
 
 The NIR graph expresses everything but the attention products with standard ops (Affine/Conv2d/SumPool2d/LIF,
 summed edges), so the kernels are few: ``matmul`` (the products of two activations, per head), ``add`` (summed
-edges), ``reshape`` (Flatten), ``mask`` (the per-timestep token schedule at ports) and ``quantise`` (fixed point:
-the image, as integers, into the first synapse).
+edges), ``reshape`` (Flatten), ``mask`` (the per-timestep token schedule at ports), ``ones`` (the 0 / 1 source
+of a gated bias) and ``quantise`` (fixed point: the image, as integers, into the first synapse).
 
 A kernel is ``f(params, t, *inputs) -> output`` where ``t`` is the model timestep (0..T-1) the process is at.
 Kernels are stateless; neuron state lives in the ``Neuron`` process model.
 """
 from __future__ import annotations
 
+import numpy as np
 
 
 def _token_mask(params, t, ndim):
@@ -52,6 +53,12 @@ def k_mask(p, t, a):
     return a if m is None else a * m
 
 
+def k_ones(p, t, a):
+    """One 1 per token of a token row (B, D, n) -> (B, 1, n): masked by the process's schedule, the source of a
+    gated bias (runtimes.lava_runtime._lava_masked_pair)."""
+    return np.ones((a.shape[0], 1, a.shape[-1]))
+
+
 def _prep(x, reshape=None, perm=None, out_reshape=None):
     if reshape is not None:
         x = x.reshape((x.shape[0], *reshape))
@@ -67,5 +74,6 @@ KERNELS = {
     "add": k_add,
     "reshape": k_reshape,
     "mask": k_mask,
+    "ones": k_ones,
     "quantise": k_quantise,
 }
