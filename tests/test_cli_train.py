@@ -76,3 +76,21 @@ def test_anchor_grad_refused_for_methods_without_an_anchor(tmp_path):
         lines = [l for l in r.output.strip().splitlines() if l]
         assert len(lines) == 1 and lines[0].startswith("error:") and "anchor" in lines[0], r.output
         assert not (tmp_path / "a").exists()
+
+
+def test_alignment_weights_reach_the_model_and_need_their_loss(tmp_path):
+    """--intra-weight / --inter-weight: refused (one line, exit 2, nothing written) without the loss in --align or
+    out of range; otherwise recorded in the run's model config, which the loss reads."""
+    for args, words in ((["--intra-weight", 1], "add --align intra"), (["--align", "intra", "--inter-weight", 1],
+                                                                        "add --align inter"),
+                        (["--align", "intra", "--intra-weight", -1], "intra_weight must be a number in [0, 1000]")):
+        r = run("train", "--prune", "stata", "--keep", "0.5", *args, "--epochs", 1, "--out", tmp_path / "a")
+        lines = [l for l in r.output.strip().splitlines() if l]
+        assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], r.output
+        assert not (tmp_path / "a").exists()
+    out = tmp_path / "w"
+    r = run("train", "--prune", "stata", "--keep", "0.5", "--align", "intra,inter", "--intra-weight", 2.5,
+            "--epochs", 1, "--train-limit", 64, "--quiet", "--out", out)
+    assert r.exit_code == 0, r.output
+    prune = json.loads((out / "config.json").read_text())["model"]["prune"]
+    assert (prune["intra_weight"], prune["inter_weight"]) == (2.5, 0.01)

@@ -326,6 +326,28 @@ def test_timeout_and_crash_kill_the_group(nir_files, digits):
         rt.close()
 
 
+@needs_lava
+def test_a_failing_process_model_ends_the_run_with_its_traceback(nir_files, digits):
+    """An exception inside one of our process models must not leave Lava's other processes waiting on its ports
+    until the timeout: the group is killed at once and the error carries the traceback."""
+    from stata_deploy.errors import StataError
+
+    from runtimes.lava_runtime import LavaRuntime, LavaTimeout
+
+    _, _, path = nir_files["sdsa"]
+    rt = LavaRuntime(path, batch=8, timeout=600)  # a hang would end in LavaTimeout, however fast the machine
+    try:
+        reshape = next(p for p in rt._builder.procs if p["cls"] == "Op1" and p["kwargs"]["kind"] == "reshape")
+        reshape["kwargs"]["params"]["out_reshape"] = (7,)  # cannot hold the tensor: raises at the first step
+        with pytest.raises(StataError) as e:
+            rt.run(digits.x_test[:8])
+        assert not isinstance(e.value, LavaTimeout)
+        assert "exited unexpectedly" in str(e.value) and "ValueError" in str(e.value) and "reshape" in str(e.value)
+        assert _group_gone(rt.last_worker.pgid) and not rt.last_worker.dir.exists()
+    finally:
+        rt.close()
+
+
 def test_spec_round_trips_through_json_and_npz_without_pickle(nir_files, tmp_path):
     """The worker's spec: JSON + one .npz (allow_pickle=False), decoded by the worker with numpy (+ scipy) only."""
     import json

@@ -20,6 +20,12 @@ documents the scaling at each boundary.
 """
 from __future__ import annotations
 
+import functools
+import os
+import signal
+import sys
+import traceback
+
 import numpy as np
 from lava.magma.core.decorator import implements, requires, tag
 from lava.magma.core.model.py.model import PyLoihiProcessModel
@@ -64,13 +70,32 @@ _FLOAT_OUT = LavaPyType(PyOutPort.VEC_DENSE, float)
 _INT_OUT = LavaPyType(PyOutPort.VEC_DENSE, np.int32, precision=24)
 
 
+def _fail_fast(run_spk):
+    """A process model that raises leaves Lava's other processes waiting on its ports for ever: the simulation
+    hangs until the runtime's timeout with nothing on stderr (measured: a NameError in a kernel, 300 s, empty
+    stderr). Instead: print the traceback and kill the worker's process group (Lava's processes are forked into
+    it), so the runtime reports "exited unexpectedly" with the traceback at once and cleans up as after a crash."""
+    @functools.wraps(run_spk)
+    def run(self):
+        try:
+            run_spk(self)
+        except BaseException:
+            if "STATA_LAVA_PARENT" not in os.environ:  # not in our worker's own process group: Lava's behaviour
+                raise
+            traceback.print_exc()
+            sys.stderr.flush()
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+    return run
+
+
 def _models(proc, base, out: str):
     """The floating_pt and fixed_pt process models of ``proc`` from one implementation ``base`` (run_spk reading
     inputs through ``self._x`` and sending through ``self._y``), ``out`` the name of its OutPort."""
     made = []
     for io, tg, port in ((_FloatIO, "floating_pt", _FLOAT_OUT), (_FixedIO, "fixed_pt", _INT_OUT)):
         name = base.__name__.lstrip("_") + ("Float" if io is _FloatIO else "Fixed")
-        cls = type(name, (io, base), {out: port, "__module__": base.__module__, "__qualname__": name})
+        cls = type(name, (io, base), {out: port, "__module__": base.__module__, "__qualname__": name,
+                                      "run_spk": _fail_fast(base.run_spk)})
         made.append(tag(tg)(requires(CPU)(implements(proc=proc, protocol=LoihiProtocol)(cls))))
     return made
 

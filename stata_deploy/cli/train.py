@@ -47,6 +47,11 @@ def _sites(ctx, param, value):
 @click.option("--keep", default=1.0, show_default=True, type=float, callback=_keep, help="Keep ratio gamma in (0, 1].")
 @click.option("--sites", default=None, callback=_sites, help="Pruning sites (block indices), e.g. 1,4. Default: every 3 blocks from L//3.")
 @click.option("--align", default="", callback=_csv, help="STATA alignment losses: intra,inter.")
+@click.option("--intra-weight", default=None, type=float,
+              help="Weight of the intra-alignment loss (default 0.01; needs --align intra). At 0.01 its gradient is "
+                   "~0.1 % of the classification loss's (benchmarks/alignment_diagnostics.py).")
+@click.option("--inter-weight", default=None, type=float,
+              help="Weight of the inter-alignment loss (default 0.01; needs --align inter).")
 @click.option("--anchor-grad/--no-anchor-grad", default=None,
               help="stata/anchor: train the anchor's Q through the kept tokens' scores (straight-through; default "
                    "on). Without it the anchor's Q gets no gradient and stays silent (benchmarks/anchor_diagnostics.py).")
@@ -70,7 +75,8 @@ def _sites(ctx, param, value):
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object.")
 @threads_option
 @click.pass_context
-def train(ctx, dataset, preset, attention, prune, keep, sites, align, anchor_grad, epochs, batch_size, lr, T, seed,
+def train(ctx, dataset, preset, attention, prune, keep, sites, align, intra_weight, inter_weight, anchor_grad, epochs,
+          batch_size, lr, T, seed,
           train_limit,
           device, out, resume, force, checkpoint_every, nproc, quiet, as_json, threads):
     """Train a spiking transformer, optionally with token pruning.
@@ -88,6 +94,7 @@ def train(ctx, dataset, preset, attention, prune, keep, sites, align, anchor_gra
 
     tc = TrainConfig(dataset=dataset, model=preset, out=out, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                      T=T, attention=attention, prune=prune, keep=keep, sites=sites, align=align, anchor_grad=anchor_grad,
+                     intra_weight=intra_weight, inter_weight=inter_weight,
                      device=device,
                      train_limit=train_limit, resume=resume, force=force, progress=not quiet,
                      checkpoint_every=checkpoint_every, nproc=nproc)

@@ -55,6 +55,8 @@ class TrainConfig:
     sites: list[int] | None = None
     align: list[str] = field(default_factory=list)
     anchor_grad: bool | None = None  # stata/anchor: straight-through gradient to the anchor (None: on)
+    intra_weight: float | None = None  # weight of the intra-alignment loss (None: PruneConfig's default)
+    inter_weight: float | None = None  # weight of the inter-alignment loss (None: PruneConfig's default)
     device: str = "auto"
     train_limit: int | None = None  # use only the first N training images (quick runs)
     resume: bool = False
@@ -83,6 +85,10 @@ class TrainConfig:
         if self.anchor_grad is not None and self.prune not in ANCHOR_METHODS:
             raise ConfigError(f"--{'' if self.anchor_grad else 'no-'}anchor-grad applies to the anchor-token methods "
                               f"({', '.join(ANCHOR_METHODS)}), not to --prune {self.prune}")
+        for loss in ("intra", "inter"):
+            if getattr(self, f"{loss}_weight") is not None and loss not in self.align:
+                raise ConfigError(f"--{loss}-weight weights the {loss}-alignment loss: add --align {loss} "
+                                  f"(given: --align {','.join(self.align) or '(none)'})")
         if self.train_limit is not None and self.train_limit < 1:
             raise ConfigError(f"train limit must be >= 1, got {self.train_limit}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -97,8 +103,10 @@ def pick_device(name: str) -> torch.device:
 
 
 def model_config_for(tc: TrainConfig, ds: Dataset):
+    weights = {f"{k}_weight": getattr(tc, f"{k}_weight") for k in ("intra", "inter")
+               if getattr(tc, f"{k}_weight") is not None}
     prune = PruneConfig(method=tc.prune, keep=tc.keep, sites=tc.sites, align=list(tc.align),
-                        anchor_grad=True if tc.anchor_grad is None else tc.anchor_grad)
+                        anchor_grad=True if tc.anchor_grad is None else tc.anchor_grad, **weights)
     cfg = make_config(
         tc.model,
         img_size=ds.img_size,
