@@ -79,7 +79,9 @@ def estimate_params(cfg: "ModelConfig") -> int:
     d, m = cfg.dim, cfg.mlp_ratio
     chans = [cfg.in_channels, d // 8, d // 4, d // 2, d, d]  # 4 SPS stages + the relative-position conv
     stem = sum(9 * a * b + 2 * b for a, b in zip(chans[:-1], chans[1:]))
-    block = 4 * (d * d + 2 * d) + d + 2 * (m * d * d + 3 * m * d) + d
+    attn = 4 * (d * d + 2 * d) + d  # q, k, v, proj: Linear without bias + BatchNorm; proj's bias
+    mlp = (m * d * d + 3 * m * d) + (m * d * d + 3 * d)  # fc1, fc2: Linear with bias + BatchNorm
+    block = attn + mlp
     return stem + cfg.depth * block + d * cfg.num_classes + cfg.num_classes + (d if cfg.anchor else 0)
 
 
