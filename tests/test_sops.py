@@ -163,10 +163,12 @@ def _scorer_oracle(method, x, info, B):
     if method == "ssa":  # (q.mean(queries) @ k^T).mean(heads) * scale, .mean(0)
         return nz(info.q) + T * B * H * n + T * B * n, float(((info.q.sum(3, keepdim=True) != 0).double() @ kb).sum())
     att = float((qb[:, :, :, :1] @ kb).sum())  # q_anchor @ k^T per head
-    if method == "stata":  # _tie_break(anchor_row(), x): mean over heads; |x| over channels, scaled, added per t
-        return T * B * H * n + nz(x) + 2 * T * B * n, att
+    # _tie_break: act / (act.amax + 1) * c + score: per row a divide, a scale, an add; one add for + 1 (the amax's
+    # n - 1 compares: test_anchor_row_is_in_the_scorer_activity_by_hand)
+    if method == "stata":  # _tie_break(anchor_row(), x): mean over heads; |x| over channels; tie-break per t
+        return T * B * H * n + nz(x) + T * B * (3 * n + 1), att
     if method == "anchor":  # _tie_break(anchor_row().mean(0), x.mean(0)): score and x means; |x̄|, tie-break once
-        return T * B * H * n + T * B * n + nz(x) + nz(x.mean(0)) + 2 * B * n, att
+        return T * B * H * n + T * B * n + nz(x) + nz(x.mean(0)) + B * (3 * n + 1), att
     raise AssertionError(f"no oracle for scorer {method!r}: write out what it computes")
 
 
@@ -340,9 +342,10 @@ def test_anchor_row_is_in_the_scorer_activity_by_hand():
     pairs = int(((q[0, 0, :1] != 0).astype(int) @ (k[0, 0] != 0).astype(int).T).sum())
     lo = r.layer("blocks.1.scorer")
     assert lo.attention_acs == pairs
-    # mean over 1 head: n; activity: image rows' non-zeros + the anchor's D; scale and add: 2 per row
-    assert lo.acs == n + image_terms + D + 2 * n
-    assert lo.compares == 4 * 2  # top-2 of 4 image rows: 4 x ceil(log2(3))
+    # mean over 1 head: n; activity: image rows' non-zeros + the anchor's D; tie-break act / (amax + 1) * c + score:
+    # one add for + 1, then a divide, a scale and an add per row
+    assert lo.acs == n + image_terms + D + 1 + 3 * n
+    assert lo.compares == 4 * 2 + (n - 1)  # top-2 of 4 image rows: 4 x ceil(log2(3)); the tie-break's amax over n
 
 
 def test_idle_updates_for_timestep_wise_tokens():

@@ -45,7 +45,8 @@ Conventions (all counts are per inference = summed over the batch, divided by th
   computes, over the rows the model scores (pruning.scorers: every row of the stream, the anchor's included; top-k
   then skips the fixed rows) — STATA: per timestep the anchor row ``Q_0 K^T`` per head (attention ACs, recomputed
   even where SSA's ``Q K^T`` already holds it), its mean over heads, and the tie-break: the activity ``|x|`` over
-  channels of every row (the anchor's D real entries included), scaled and added (2 per row); AT: the same on
+  channels of every row (the anchor's D real entries included), ``act / (amax(act) + 1)`` (n - 1 ``compares``
+  for the amax, 1 AC for + 1), then divided, scaled and added (3 ACs per row); AT: the same on
   time means, as the model computes it — the score's mean over T, x accumulated over T (one AC per non-zero
   term), then the activity of the mean and the tie-break once, at the last timestep; l1: the activity of every
   row (anchor included) and its mean over T; SSA-average: the sum over queries, the received attention, the means

@@ -117,7 +117,11 @@ class _Count:
         return lo
 
     def extend(self, lo: LayerOps, **counts) -> None:
-        lo.counts_t.update({f: v.to(torch.float64).numpy() / self.B for f, v in counts.items() if v is not None})
+        """Add counts (per timestep, summed over the batch) to layer ``lo``: a kind it already has accumulates."""
+        for f, v in counts.items():
+            if v is not None:
+                v = v.to(torch.float64).numpy() / self.B
+                lo.counts_t[f] = lo.counts_t[f] + v if f in lo.counts_t else v
 
     def needed(self, node: Node) -> bool:
         """Whether some reader of ``node`` needs its value (neurons read only currents, and those come recorded)."""
@@ -397,20 +401,25 @@ def _activity(c: _Count, node: Scorer, x) -> torch.Tensor:
 def _score_anchor_row(c, node, x, q, k, over_time: bool):
     """STATA / AT: the anchor row Q_0 K^T per head, mean over heads, the activity tie-break over every row (anchor
     included: the model scores all rows, then top-k skips the fixed ones). STATA per timestep; AT: the score's mean
-    over T, the activity of the time-mean x̄ (accumulating x over T, then |x̄| over channels, at the last step)."""
+    over T, the activity of the time-mean x̄ (accumulating x over T, then |x̄| over channels, at the last step).
+    The tie-break ``act / (amax(act) + 1) * c + score`` (``pruning.scorers._tie_break``): n - 1 compares for the
+    amax, one add for + 1, and per row a divide, a scale and an add (3 n ACs)."""
     B = c.B
     H, n = q.shape[2], q.shape[3]
     att = _matmul_pairs(_nz(q[:, :, :, :1]), _nz(k).transpose(-1, -2))  # Q_0 K^T per head
     acs = c.zeros() + float(B * H * n)  # mean over heads
+    tie_acs, tie_compares = float(B * (3 * n + 1)), float(B * (n - 1))
+    compares = c.zeros()
     if not over_time:
-        acs += _activity(c, node, x) + float(2 * B * n)  # tie-break: |x| over channels; scaled, added
-        return acs, c.zeros(), att
+        acs += _activity(c, node, x) + tie_acs  # tie-break: |x| over channels, per timestep
+        return acs, c.zeros(), att, compares + tie_compares
     acs += float(B * n)  # the score's mean over timesteps
     acs += _activity(c, node, x)  # x̄ = mean over t: one AC per non-zero term
     real = c.real.get(c.src(node))
     xbar = _row_terms(x.sum(0, keepdim=True), None if real is None else real.any(0, keepdim=True))  # (1, B, n)
-    acs[-1] += float(xbar.sum()) + float(2 * B * n)  # tie-break on |x̄| over channels; scaled, added
-    return acs, c.zeros(), att
+    acs[-1] += float(xbar.sum()) + tie_acs  # tie-break on |x̄| over channels, once
+    compares[-1] += tie_compares
+    return acs, c.zeros(), att, compares
 
 
 def _score_ssa(c, node, x, q, k):
@@ -451,7 +460,7 @@ def _score_tp(c, node, x, q, k):
     return acs, macs, c.zeros()
 
 
-# pruning method -> (c, node, x, q, k) -> (acs, macs, attention_acs) per timestep. A new scorer = one entry.
+# pruning method -> (c, node, x, q, k) -> (acs, macs, attention_acs[, compares]) per timestep. A new scorer = one entry.
 SCORER_COUNTS: dict[str, Callable] = {
     "stata": lambda c, n, x, q, k: _score_anchor_row(c, n, x, q, k, over_time=False),
     "anchor": lambda c, n, x, q, k: _score_anchor_row(c, n, x, q, k, over_time=True),
@@ -468,8 +477,9 @@ def _scorer(c: _Count, node: Scorer, x, q=None, k=None):
         raise CountError(f"no op counting for pruning method {node.method!r}")
     if q is not None:
         q, k = _heads(q, node.heads), _heads(k, node.heads)
-    acs, macs, att = fn(c, node, x, q, k)
-    c.layer_of[node.name] = c.add(node.name, "scorer", acs=acs, macs=macs, attention_acs=att)
+    acs, macs, att, *compares = fn(c, node, x, q, k)
+    c.layer_of[node.name] = c.add(node.name, "scorer", acs=acs, macs=macs, attention_acs=att,
+                                  compares=compares[0] if compares else None)
 
 
 # node type -> count function (c, node, *input values) -> the node's value. A new node type = one entry.
