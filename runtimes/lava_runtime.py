@@ -581,7 +581,7 @@ class _Builder:
         for src, _, _ in self.records.values():
             consumers[src] = consumers.get(src, 0) + 1
         by_name = {p["name"]: p for p in self.procs}
-        gone, out = set(), []
+        gone, out, gates = set(), [], {}
         for p in self.procs:
             s = by_name.get(p["inputs"][0]) if p["cls"] == "Neuron" else None
             if s is not None and s["cls"] == "Synapse" and consumers.get(s["name"]) == 1:
@@ -592,7 +592,7 @@ class _Builder:
                     pair = _lava_pair(s, p["name"], neu)
                     if pair is None:
                         pair = _lava_masked_pair(s, p["name"], neu, _masked_by(s["inputs"][0], s["kwargs"].get("mask"),
-                                                                              by_name))
+                                                                              by_name), gates)
                 if pair is not None:
                     out.extend(pair)
                     continue
@@ -859,7 +859,7 @@ def _masked_by(name: str, mask, by_name: dict) -> bool:
     return False
 
 
-def _lava_masked_pair(syn: dict, name: str, neu: dict, input_masked: bool) -> list[dict] | None:
+def _lava_masked_pair(syn: dict, name: str, neu: dict, input_masked: bool, gates: dict) -> list[dict] | None:
     """A fused Synapse -> LIF pair of a token segment whose schedule drops tokens at some timesteps, on Lava's own
     ``Sparse`` -> ``LIFReset``, or None when it is not a per-token layer (``mode == "cf"``) with the neuron's own
     schedule. A dropped token's neuron must get no input and no bias at that timestep (our Neuron's contract); Lava's
@@ -867,7 +867,9 @@ def _lava_masked_pair(syn: dict, name: str, neu: dict, input_masked: bool) -> li
     -> every channel of token j) from our Op1 ``ones`` (1 at each kept token at t, 0 at a dropped one), summed into
     the same ``a_in``. The synapse mixes no tokens, so W x is 0 at a token whose input is 0: the input is gated by
     our Op1 ``mask`` (left out when its producer is masked by the same schedule, ``input_masked``). The membrane of
-    a dropped token then decays (v (1 - dv)) and cannot spike, as in torch. Ours: the one or two Op1 gates."""
+    a dropped token then decays (v (1 - dv)) and cannot spike, as in torch. Ours: the one or two Op1 gates, shared by
+    every layer that reads the same input under the same schedule (Q, K, V): ``gates`` maps (kind, input, schedule)
+    to the gate already built."""
     k = syn["kwargs"]
     mask = k.get("mask")
     if k["mode"] != "cf" or len(k["in_shape"]) != 3 or not np.array_equal(np.asarray(mask), np.asarray(neu.get("mask"))):
@@ -879,21 +881,27 @@ def _lava_masked_pair(syn: dict, name: str, neu: dict, input_masked: bool) -> li
     c = lif.pop("scale")
     B, (Co, n) = k["in_shape"][0], k["out_shape"][1:]
     out, x = [], syn["inputs"][0]
-    gate = lambda kind, base, shape: dict(  # noqa: E731 - our Op1 at the synapse input's timing
-        cls="Op1", name=f"{syn['name'][:52]}.{base}", inputs=[syn["inputs"][0]], in_ports=["in0"],
-        kwargs=dict(kind=kind, in_shape=k["in_shape"], out_shape=(B, *shape), params={}, T=T, lag=lag - 1, mask=mask))
+
+    def gate(kind, base, shape) -> str:  # our Op1 at the synapse input's timing, built once per input and schedule
+        key = (kind, syn["inputs"][0], np.asarray(mask).tobytes())
+        if key not in gates:
+            gates[key] = f"{syn['name'][:52]}.{base}"
+            out.append(dict(cls="Op1", name=gates[key], inputs=[syn["inputs"][0]], in_ports=["in0"],
+                            kwargs=dict(kind=kind, in_shape=k["in_shape"], out_shape=(B, *shape), params={}, T=T,
+                                        lag=lag - 1, mask=mask)))
+        return gates[key]
+
     if not input_masked:
-        out.append(gate("mask", "gate", k["in_shape"][1:]))
-        x = out[-1]["name"]
+        x = gate("mask", "gate", k["in_shape"][1:])
     out.append(_lava_sparse(syn["name"], [x], k, c))
     if k.get("bias") is not None:
         ones = gate("ones", "ones", (1, n))
         b = np.broadcast_to(np.asarray(k["bias"], dtype=np.float64), (Co, n)).reshape(-1) * c
         W = sp.csr_matrix((b, (np.arange(Co * n), np.tile(np.arange(n), Co))), shape=(Co * n, n))
         W.eliminate_zeros()
-        bias = dict(cls="lava:Sparse", name=f"{syn['name'][:52]}.bias", inputs=[ones["name"]], in_ports=["s_in"],
+        bias = dict(cls="lava:Sparse", name=f"{syn['name'][:52]}.bias", inputs=[ones], in_ports=["s_in"],
                     block_diag=B, gated_bias=True, kwargs=dict(weights=W, num_message_bits=24))
-        out += [ones, bias]
+        out.append(bias)
         lif["inputs"] = [syn["name"], bias["name"]]
         lif["in_ports"] = ["a_in", "a_in"]
     return out + [lif]
