@@ -66,7 +66,7 @@ def diagnose(model, x, y, label_smoothing: float) -> dict:
     inter = inter_alignment([captured[s] for s in order[:-1]], captured[order[-1]]) if len(order) > 1 \
         else ce.new_zeros(())
     g_ce = _flat_grad(model, ce)
-    res = dict(ce=float(ce), intra=float(intra), inter=float(inter), w_intra=pr.intra_weight,
+    res = dict(ce=ce.item(), intra=float(intra.detach()), inter=float(inter.detach()), w_intra=pr.intra_weight,
                w_inter=pr.inter_weight, g_ce=float(g_ce.norm()), sites=order)
     for name, loss, w in (("intra", intra, pr.intra_weight), ("inter", inter, pr.inter_weight)):
         if not loss.requires_grad:
