@@ -165,6 +165,60 @@ def _read_node(table: dict, name: str, node, dt: float) -> Lowered:
         raise NirFormatError(f"NIR node {name!r} has unreadable parameters ({e})") from None
 
 
+def _write_table() -> dict:
+    """lowered node type -> f(node) -> the nir node (the inverse of ``_read_table``; nir.Linear reads as an Affine
+    with zero bias and is written as that Affine)."""
+    import nir
+
+    return {
+        InputPort: lambda n: nir.Input(input_type={"input": np.array(n.shape)}),
+        OutputPort: lambda n: nir.Output(output_type={"output": np.array(n.shape)}),
+        Affine: lambda n: nir.Affine(weight=np.array(n.weight), bias=np.array(n.bias)),
+        Conv2d: lambda n: nir.Conv2d(input_shape=n.in_hw, weight=np.array(n.weight), stride=n.stride,
+                                     padding=n.padding, dilation=n.dilation, groups=n.groups,
+                                     bias=np.array(n.bias)),
+        Conv1d: lambda n: nir.Conv1d(input_shape=n.in_len, weight=np.array(n.weight), stride=n.stride,
+                                     padding=n.padding, dilation=n.dilation, groups=n.groups,
+                                     bias=np.array(n.bias)),
+        SumPool2d: lambda n: nir.SumPool2d(kernel_size=np.array(n.kernel), stride=np.array(n.stride),
+                                           padding=np.array(n.padding)),
+        Flatten: lambda n: nir.Flatten(input_type={"input": np.array(n.in_shape)}, start_dim=n.start_dim,
+                                       end_dim=n.end_dim),
+        LIF: lambda n: nir.LIF(tau=np.array(n.tau), r=np.array(n.r), v_leak=np.array(n.v_leak),
+                               v_reset=np.array(n.v_reset), v_threshold=np.array(n.v_threshold)),
+    }
+
+
+def to_nir(graph: Graph):
+    """The lowered graph as a nir.NIRGraph again: every node through ``_write_table`` with its recording metadata
+    (layer, layout, tokens, role), the edges from ``graph.inputs``, the description (host operations, token
+    segments, ...) as the graph's metadata. ``read_graph`` of what this writes gives an equal graph."""
+    import nir
+
+    from stata_deploy.description import encode
+
+    table = _write_table()
+    nodes = {}
+    for name, op in graph.ops.items():
+        node = table[type(op)](op)
+        md = {k: getattr(op, k) for k in ("layer", "layout", "tokens", "role") if getattr(op, k) is not None}
+        if md:
+            node.metadata = md
+        nodes[name] = node
+    edges = [(src, dst) for dst, srcs in graph.inputs.items() for src in srcs]
+    return nir.NIRGraph(nodes=nodes, edges=edges, metadata={META_KEY: encode(graph.meta)} if graph.meta else {})
+
+
+def write_graph(graph: Graph, path: str | Path) -> Path:
+    """Write a lowered graph as a .nir file, atomically (in memory first: a full disk is one error)."""
+    import nir
+
+    from stata_deploy.fileio import write_via_buffer
+
+    g = to_nir(graph)
+    return write_via_buffer(Path(path), lambda buf: nir.write(buf, g))
+
+
 def read_description(graph) -> dict:
     """The exporter's JSON description from a nir.NIRGraph's metadata ({} when absent)."""
     md = getattr(graph, "metadata", None) or {}
@@ -705,6 +759,12 @@ def verify_lossless(path: str | Path) -> list[str]:
         g2 = nir.read(tmp)
     finally:
         os.unlink(tmp)
+    return nir_differences(g1, g2)
+
+
+def nir_differences(g1, g2) -> list[str]:
+    """What differs between two nir.NIRGraphs (empty list: the same): node types, every field (arrays by dtype,
+    shape and value), node metadata, edges (as a set), graph metadata."""
     diffs: list[str] = []
 
     def same(a, b):
