@@ -681,7 +681,7 @@ class _Builder:
 def _synapse_matrix(k: dict) -> sp.csr_matrix:
     """A Synapse's weight as one sparse (Dout, Din) matrix on the flattened sample (C order)."""
     w, mode = k["weight"], k["mode"]
-    in_shape, out_shape = k["in_shape"][1:], k["out_shape"][1:]
+    in_shape = k["in_shape"][1:]
     if mode == "sparse":
         return sp.csr_matrix(w)
     if mode == "cf":  # (Co, Ci) over axis 0 of (Ci, n...): y[co, j] = sum_ci W[co, ci] x[ci, j]
