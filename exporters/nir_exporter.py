@@ -2,8 +2,10 @@
 
 ``build_graph`` builds the model's IR (``stata_deploy.ir.build_ir``), folds BatchNorm (``FoldBatchNorm``), applies
 the static masks (``ApplyMasks``) and drops tokens never kept (``DropNeverKept``), then walks the IR once: one small
-function per IR node type (``LOWER``; Product kinds in ``PRODUCTS``, Neuron kinds in ``NEURONS``) emits NIR nodes.
-No torch module is looked at beyond ``build_ir``.
+function per IR node type (``LOWER``; Product kinds in ``PRODUCTS``, Neuron kinds in ``NEURONS``) emits nodes of
+the lowered IR (``stata_deploy.ir.lowered``: one typed node per NIR node, the graph the file is), written by that
+module's writers (``to_nir_graph``), the inverse of the reader's table in ``runtimes/nir_graph.py``. No torch module
+is looked at beyond ``build_ir``.
 
 Only the standard NIR node types are written (Input, Output, Conv1d, Conv2d, Flatten, SumPool2d, LIF): a custom node
 type makes ``nir.read`` fail for every reader, and other readers map ``nir.Affine`` to a 2-D linear layer (the
@@ -54,6 +56,7 @@ the executed semantics. The lowering:
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +65,8 @@ import numpy as np
 from stata_deploy import description
 from stata_deploy.errors import StataError, UnsupportedOpError
 from stata_deploy.exporter_api import Exporter
+from stata_deploy.ir import lowered as low
+from stata_deploy.ir.lowered import Lowered
 from stata_deploy.ir.nodes import (TOKEN_INDEPENDENT_PRODUCTS, Add, Conv, Graph, Head, Input, MaxPool, Neuron, Node,
                                    Product, Rejoin, Select, TokenLinear, Tokens)
 from stata_deploy.pruning.masks import TokenMasks
@@ -122,28 +127,31 @@ class Tok:
         return "grid_tokens" if self.grid else "tokens"
 
 
+def _conv_len(n: int, k: int, stride, padding, dilation=1) -> int:
+    """Output length of a conv along one axis (torch's formula)."""
+    return (n + 2 * int(padding) - int(dilation) * (k - 1) - 1) // int(stride) + 1
+
+
 class _Builder:
-    """Collects NIR nodes and edges; the lowering functions below add to it."""
+    """Collects the nodes of the lowered IR (the graph the file is) and edges; the lowering functions below add to
+    it, ``stata_deploy.ir.lowered.to_nir_graph`` writes them."""
 
     def __init__(self, T: int):
-        import nir
-
-        self.nir = nir
         self.T = T
-        self.nodes: dict = {}
+        self.nodes: dict[str, Lowered] = {}
         self.edges: list = []
         self.host_ops: list[dict] = []
         self.segments: dict[str, dict] = {}
         self.sites: dict[str, str] = {}
         self.order = None  # positions (full sequence) of the token row before any site, graph order
 
-    def add(self, name: str, node, inputs=(), **meta) -> str:
+    def add(self, name: str, node: Lowered, inputs=(), **meta) -> str:
+        """Add a node of the lowered IR (``stata_deploy.ir.lowered``: the graph the file is), fed by ``inputs``;
+        ``meta``: its recording fields (layer, layout, tokens, role)."""
         if name in self.nodes:
             raise StataError(f"internal: duplicate NIR node {name!r}")
         meta = {k: v for k, v in meta.items() if v is not None}
-        if meta:
-            node.metadata = {**(node.metadata or {}), **meta}
-        self.nodes[name] = node
+        self.nodes[name] = dataclasses.replace(node, **meta) if meta else node
         for s in inputs:
             self.edges.append((s, name))
         return name
@@ -151,8 +159,10 @@ class _Builder:
     # ---- node factories
     def lif(self, name, inputs, shape, v_th, tau_steps, v_reset=0.0, layer=None, layout=None, tokens=None, role=None):
         shape = tuple(shape)
-        node = self.nir.LIF(
+        node = low.LIF(
+            name=name, shape=shape,
             tau=np.full(shape, tau_steps * NIR_DT, dtype=np.float64),
+            tau_steps=np.full(shape, tau_steps, dtype=np.float64),
             r=np.ones(shape, dtype=np.float64),
             v_leak=np.full(shape, v_reset, dtype=np.float64),
             v_threshold=np.full(shape, nir_threshold(v_th), dtype=np.float64),
@@ -164,9 +174,10 @@ class _Builder:
         # NIR 1.0.8 types a Conv2d's input as weight.shape[1] channels, i.e. it does not model groups: a grouped
         # conv fails nir's type check, so grouped kernels are written as the equivalent dense (block-diagonal) one
         w = _dense_groups(np.asarray(w, np.float64), int(groups))
-        node = self.nir.Conv2d(input_shape=tuple(int(v) for v in in_hw), weight=w,
-                               stride=stride, padding=padding, dilation=1, groups=1,
-                               bias=np.asarray(b, np.float64))
+        (H, W), (kh, kw) = (int(v) for v in in_hw), w.shape[2:]
+        node = low.Conv2d(name=name, shape=(w.shape[0], _conv_len(H, kh, stride, padding), _conv_len(W, kw, stride, padding)),
+                          in_hw=(H, W), weight=w, stride=(int(stride),) * 2, padding=(int(padding),) * 2,
+                          dilation=(1, 1), groups=1, bias=np.asarray(b, np.float64))
         return self.add(name, node, inputs, tokens=tokens, role=role)
 
     def conv1d(self, name, inputs, n_in, w, b, stride=1, padding=0, dilation=1, groups=1, tokens=None, role=None):
@@ -174,8 +185,9 @@ class _Builder:
         w = np.asarray(w, np.float64)
         if groups != 1:
             w = _dense_groups(w[:, :, None, :], int(groups))[:, :, 0, :]
-        node = self.nir.Conv1d(input_shape=int(n_in), weight=w, stride=int(stride), padding=int(padding),
-                               dilation=int(dilation), groups=1, bias=np.asarray(b, np.float64))
+        node = low.Conv1d(name=name, shape=(w.shape[0], _conv_len(int(n_in), w.shape[2], stride, padding, dilation)),
+                          in_len=int(n_in), weight=w, stride=int(stride), padding=int(padding),
+                          dilation=int(dilation), groups=1, bias=np.asarray(b, np.float64))
         return self.add(name, node, inputs, tokens=tokens, role=role)
 
     def token_sum(self, name, srcs, D, tok: "Tok"):
@@ -265,10 +277,10 @@ class _Builder:
 
     def port_out(self, name, srcs, shape, tokens=None, role="host_port"):
         srcs = srcs if isinstance(srcs, list) else [srcs]
-        return self.add(name, self.nir.Output(output_type={"output": np.array(shape)}), srcs, tokens=tokens, role=role)
+        return self.add(name, low.OutputPort(name=name, shape=tuple(shape)), srcs, tokens=tokens, role=role)
 
     def port_in(self, name, shape, tokens=None, role="host_result"):
-        return self.add(name, self.nir.Input(input_type={"input": np.array(shape)}), [], tokens=tokens, role=role)
+        return self.add(name, low.InputPort(name=name, shape=tuple(shape)), [], tokens=tokens, role=role)
 
 
 # ------------------------------------------------------------------------------------- the IR -> NIR lowering
@@ -372,8 +384,7 @@ def _sibling(name: str, leaf: str) -> str:
 
 
 def _input(lw: _Lowering, node: Input):
-    return [lw.b.add(node.name, lw.b.nir.Input(input_type={"input": np.array([node.channels, node.height,
-                                                                               node.width])}))]
+    return [lw.b.add(node.name, low.InputPort(name=node.name, shape=(node.channels, node.height, node.width)))]
 
 
 def _conv(lw: _Lowering, node: Conv, x: str):
@@ -430,8 +441,9 @@ def _neuron(lw: _Lowering, node: Neuron, x: str):
 def _max_pool(lw: _Lowering, node: MaxPool, x: str):
     """Max-pool of binary spikes = "any spike in the window": a SumPool2d and a memoryless gate (threshold 0.5)."""
     lw.binary(node, 0)
-    k, s, p = (np.array([v, v]) for v in (node.kernel, node.stride, node.padding))
-    sm = lw.b.add(f"{node.name}.sum", lw.b.nir.SumPool2d(kernel_size=k, stride=s, padding=p), lw.srcs(x))
+    k, s, p = ((int(v),) * 2 for v in (node.kernel, node.stride, node.padding))
+    sm = lw.b.add(f"{node.name}.sum", low.SumPool2d(name=f"{node.name}.sum", shape=lw.shape(node.name), kernel=k,
+                                                    stride=s, padding=p), lw.srcs(x))
     return [lw.b.lif(f"{node.name}.any", [sm], lw.shape(node.name), 0.5, 1.0, role="gate")]
 
 
@@ -528,7 +540,7 @@ def _head(lw: _Lowering, node: Head, x: str):
         w[:, :, np.flatnonzero(cur >= node.n_fixed)] = W[:, :, None] / float(k_img)
         lw.b.conv1d(node.name, lw.srcs(x), len(cur), w, bias)
     shape = [W.shape[0], 1, 1] if lw.grid else [W.shape[0], 1]
-    return [lw.b.add("logits", lw.b.nir.Output(output_type={"output": np.array(shape)}), [node.name])]
+    return [lw.b.add("logits", low.OutputPort(name="logits", shape=tuple(shape)), [node.name])]
 
 
 # IR node type -> lowering ``f(lowering, node, *input names) -> NIR value``. A new attention kind built from
@@ -594,8 +606,8 @@ def _token_row(b: _Builder, srcs: list[str], D: int, g: int, anchor, n_fixed: in
     Conv1d (zero at the other tokens); every consumer sums the row and the placed anchor (two edges)."""
     N = g * g
     n = len(order)
-    flat = b.add("tokens.flat", b.nir.Flatten(input_type={"input": np.array([D, g, g])}, start_dim=-2, end_dim=-1),
-                 srcs, role="reindex")
+    flat = b.add("tokens.flat", low.Flatten(name="tokens.flat", shape=(D, g * g), in_shape=(D, g, g), start_dim=-2,
+                                            end_dim=-1), srcs, role="reindex")
     img = order[order >= n_fixed] - n_fixed  # image tokens (map order) in graph order
     slot = np.flatnonzero(order < n_fixed)
     if np.array_equal(img, np.arange(N)) and (not n_fixed or np.array_equal(slot, [0])):
@@ -625,8 +637,6 @@ def _selection(cur: np.ndarray, keep_pos: np.ndarray) -> np.ndarray:
 def build_graph(model, masks: TokenMasks | None, weights_sha256: str | None = None):
     """Lower ``model`` (+ static masks) to (nir.NIRGraph, description dict): its IR (``build_ir``), BatchNorm
     folded, the masks applied and never-kept tokens dropped, then one function per IR node type (``LOWER``)."""
-    import nir
-
     from stata_deploy.config import ModelConfig
     from stata_deploy.ir import build_ir
     from stata_deploy.ir.passes import ApplyMasks, DropNeverKept, FoldBatchNorm
@@ -650,7 +660,7 @@ def build_graph(model, masks: TokenMasks | None, weights_sha256: str | None = No
     b, lw = lower_ir(g, grid=masks is None and not anchor)
     skip = masks is not None and masks.mode == "skip"
     desc = _describe(b, cfg, masks, weights_sha256, lw.time_varying, skip)
-    graph = nir.NIRGraph(nodes=b.nodes, edges=b.edges, metadata={description.META_KEY: description.encode(desc)})
+    graph = low.to_nir_graph(b.nodes, b.edges, {description.META_KEY: description.encode(desc)})
     return graph, desc
 
 

@@ -59,7 +59,7 @@ import numpy as np
 
 from stata_deploy.errors import StataError, UnsupportedOpError
 from stata_deploy.ir.lowered import (LIF, Affine, Conv1d, Conv2d, Flatten, Graph, HostOp, InputPort, Lowered,
-                                     OutputPort, SumPool2d, TokenSegment, host_node)
+                                     OutputPort, SumPool2d, TokenSegment, host_node, to_nir_graph)
 from stata_deploy.ir.nodes import IRError
 from stata_deploy.ir.geometry import _span, conv_synapses  # noqa: F401 - shared with the NIR exporter
 from stata_deploy.results import RunResult
@@ -165,48 +165,13 @@ def _read_node(table: dict, name: str, node, dt: float) -> Lowered:
         raise NirFormatError(f"NIR node {name!r} has unreadable parameters ({e})") from None
 
 
-def _write_table() -> dict:
-    """lowered node type -> f(node) -> the nir node (the inverse of ``_read_table``; nir.Linear reads as an Affine
-    with zero bias and is written as that Affine)."""
-    import nir
-
-    return {
-        InputPort: lambda n: nir.Input(input_type={"input": np.array(n.shape)}),
-        OutputPort: lambda n: nir.Output(output_type={"output": np.array(n.shape)}),
-        Affine: lambda n: nir.Affine(weight=np.array(n.weight), bias=np.array(n.bias)),
-        Conv2d: lambda n: nir.Conv2d(input_shape=n.in_hw, weight=np.array(n.weight), stride=n.stride,
-                                     padding=n.padding, dilation=n.dilation, groups=n.groups,
-                                     bias=np.array(n.bias)),
-        Conv1d: lambda n: nir.Conv1d(input_shape=n.in_len, weight=np.array(n.weight), stride=n.stride,
-                                     padding=n.padding, dilation=n.dilation, groups=n.groups,
-                                     bias=np.array(n.bias)),
-        SumPool2d: lambda n: nir.SumPool2d(kernel_size=np.array(n.kernel), stride=np.array(n.stride),
-                                           padding=np.array(n.padding)),
-        Flatten: lambda n: nir.Flatten(input_type={"input": np.array(n.in_shape)}, start_dim=n.start_dim,
-                                       end_dim=n.end_dim),
-        LIF: lambda n: nir.LIF(tau=np.array(n.tau), r=np.array(n.r), v_leak=np.array(n.v_leak),
-                               v_reset=np.array(n.v_reset), v_threshold=np.array(n.v_threshold)),
-    }
-
-
 def to_nir(graph: Graph):
-    """The lowered graph as a nir.NIRGraph again: every node through ``_write_table`` with its recording metadata
-    (layer, layout, tokens, role), the edges from ``graph.inputs``, the description (host operations, token
-    segments, ...) as the graph's metadata. ``read_graph`` of what this writes gives an equal graph."""
-    import nir
-
+    """The lowered graph as a nir.NIRGraph again (``lowered.to_nir_graph``: the exporter's own writers), the edges
+    from ``graph.inputs``, the description as the graph's metadata. ``read_graph`` of it gives an equal graph."""
     from stata_deploy.description import encode
 
-    table = _write_table()
-    nodes = {}
-    for name, op in graph.ops.items():
-        node = table[type(op)](op)
-        md = {k: getattr(op, k) for k in ("layer", "layout", "tokens", "role") if getattr(op, k) is not None}
-        if md:
-            node.metadata = md
-        nodes[name] = node
     edges = [(src, dst) for dst, srcs in graph.inputs.items() for src in srcs]
-    return nir.NIRGraph(nodes=nodes, edges=edges, metadata={META_KEY: encode(graph.meta)} if graph.meta else {})
+    return to_nir_graph(graph.ops, edges, {META_KEY: encode(graph.meta)} if graph.meta else {})
 
 
 def write_graph(graph: Graph, path: str | Path) -> Path:

@@ -395,8 +395,9 @@ def test_new_product_kind_is_a_host_op_the_reader_names(tmp_path, xcal, monkeypa
     assert [h["kind"] for h in b.host_ops].count("qktv2") == 2
     desc = _describe(b, model.cfg, None, None, False, False)
     p = tmp_path / "new.nir"
-    nir.write(str(p), nir.NIRGraph(nodes=b.nodes, edges=b.edges,
-                                   metadata={description.META_KEY: description.encode(desc)}))
+    from stata_deploy.ir.lowered import to_nir_graph
+
+    nir.write(str(p), to_nir_graph(b.nodes, b.edges, {description.META_KEY: description.encode(desc)}))
     with pytest.raises(UnsupportedOpError, match="host operation 'blocks.0.attn.qktv' of kind 'qktv2' is unknown"):
         read_graph(p)
 

@@ -182,6 +182,45 @@ class LIF(Lowered):
         return self.v_threshold.astype(np.float32)
 
 
+# ------------------------------------------------------------------------------------------- writing NIR
+def _nir_writers() -> dict:
+    """lowered node type -> f(node) -> its nir node: how the NIR exporter writes (and ``runtimes.nir_graph`` writes
+    back) a graph; ``runtimes.nir_graph`` reads with the inverse table (nir.Linear reads as an Affine, zero bias)."""
+    import nir
+
+    return {
+        InputPort: lambda n: nir.Input(input_type={"input": np.array(n.shape)}),
+        OutputPort: lambda n: nir.Output(output_type={"output": np.array(n.shape)}),
+        Affine: lambda n: nir.Affine(weight=np.array(n.weight), bias=np.array(n.bias)),
+        Conv2d: lambda n: nir.Conv2d(input_shape=n.in_hw, weight=np.array(n.weight), stride=n.stride,
+                                     padding=n.padding, dilation=n.dilation, groups=n.groups, bias=np.array(n.bias)),
+        Conv1d: lambda n: nir.Conv1d(input_shape=n.in_len, weight=np.array(n.weight), stride=n.stride,
+                                     padding=n.padding, dilation=n.dilation, groups=n.groups, bias=np.array(n.bias)),
+        SumPool2d: lambda n: nir.SumPool2d(kernel_size=np.array(n.kernel), stride=np.array(n.stride),
+                                           padding=np.array(n.padding)),
+        Flatten: lambda n: nir.Flatten(input_type={"input": np.array(n.in_shape)}, start_dim=n.start_dim,
+                                       end_dim=n.end_dim),
+        LIF: lambda n: nir.LIF(tau=np.array(n.tau), r=np.array(n.r), v_leak=np.array(n.v_leak),
+                               v_reset=np.array(n.v_reset), v_threshold=np.array(n.v_threshold)),
+    }
+
+
+def to_nir_graph(nodes: dict[str, Lowered], edges, metadata: dict):
+    """A nir.NIRGraph of lowered nodes: each written by its type's writer with its recording fields (layer, layout,
+    tokens, role) as node metadata; ``edges`` (src, dst) pairs; ``metadata`` the graph's."""
+    import nir
+
+    writers = _nir_writers()
+    out = {}
+    for name, op in nodes.items():
+        node = writers[type(op)](op)
+        md = {k: getattr(op, k) for k in ("layer", "layout", "tokens", "role") if getattr(op, k) is not None}
+        if md:
+            node.metadata = md
+        out[name] = node
+    return nir.NIRGraph(nodes=out, edges=list(edges), metadata=metadata)
+
+
 # ------------------------------------------------------------------------------------------- host operations
 HOST_NODE_TYPES = (Product, Neuron)  # a host operation's node: an IR Product, or a relu / ternary Neuron
 
