@@ -66,6 +66,7 @@ from stata_deploy import description
 from stata_deploy.errors import StataError, UnsupportedOpError
 from stata_deploy.exporter_api import Exporter
 from stata_deploy.ir import lowered as low
+from stata_deploy.ir.geometry import conv_len
 from stata_deploy.ir.lowered import Lowered
 from stata_deploy.ir.nodes import (TOKEN_INDEPENDENT_PRODUCTS, Add, Conv, Graph, Head, Input, MaxPool, Neuron, Node,
                                    Product, Rejoin, Select, TokenLinear, Tokens)
@@ -127,11 +128,6 @@ class Tok:
         return "grid_tokens" if self.grid else "tokens"
 
 
-def _conv_len(n: int, k: int, stride, padding, dilation=1) -> int:
-    """Output length of a conv along one axis (torch's formula)."""
-    return (n + 2 * int(padding) - int(dilation) * (k - 1) - 1) // int(stride) + 1
-
-
 class _Builder:
     """Collects the nodes of the lowered IR (the graph the file is) and edges; the lowering functions below add to
     it, ``stata_deploy.ir.lowered.to_nir_graph`` writes them."""
@@ -175,7 +171,7 @@ class _Builder:
         # conv fails nir's type check, so grouped kernels are written as the equivalent dense (block-diagonal) one
         w = _dense_groups(np.asarray(w, np.float64), int(groups))
         (H, W), (kh, kw) = (int(v) for v in in_hw), w.shape[2:]
-        node = low.Conv2d(name=name, shape=(w.shape[0], _conv_len(H, kh, stride, padding), _conv_len(W, kw, stride, padding)),
+        node = low.Conv2d(name=name, shape=(w.shape[0], conv_len(H, kh, stride, padding), conv_len(W, kw, stride, padding)),
                           in_hw=(H, W), weight=w, stride=(int(stride),) * 2, padding=(int(padding),) * 2,
                           dilation=(1, 1), groups=1, bias=np.asarray(b, np.float64))
         return self.add(name, node, inputs, tokens=tokens, role=role)
@@ -185,7 +181,7 @@ class _Builder:
         w = np.asarray(w, np.float64)
         if groups != 1:
             w = _dense_groups(w[:, :, None, :], int(groups))[:, :, 0, :]
-        node = low.Conv1d(name=name, shape=(w.shape[0], _conv_len(int(n_in), w.shape[2], stride, padding, dilation)),
+        node = low.Conv1d(name=name, shape=(w.shape[0], conv_len(int(n_in), w.shape[2], stride, padding, dilation)),
                           in_len=int(n_in), weight=w, stride=int(stride), padding=int(padding),
                           dilation=int(dilation), groups=1, bias=np.asarray(b, np.float64))
         return self.add(name, node, inputs, tokens=tokens, role=role)
@@ -800,15 +796,6 @@ def _topo(nodes, preds, host_outs):
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def write_nir_atomic(graph, path: Path) -> None:
-    """nir.write into memory (h5py), then one atomic write: a full disk is one error, never a crash in HDF5."""
-    import nir
-
-    from stata_deploy.fileio import write_via_buffer
-
-    write_via_buffer(Path(path), lambda buf: nir.write(buf, graph))
-
-
 def summarize(graph) -> dict:
     """Node counts, neurons (LIF state elements) and synapses (nonzero weights) of a nir.NIRGraph."""
     import nir
@@ -842,12 +829,12 @@ class NirExporter(Exporter):
     def export(self, model, masks: TokenMasks | None, out: Path, **options) -> dict:
         out = Path(out)
         graph, desc = build_graph(model, masks, options.get("weights_sha256"))
-        write_nir_atomic(graph, out)
+        low.write_nir(graph, out)
         files = [str(out)]
         if options.get("split"):
             for j, (sg, _) in enumerate(split_graph(graph, desc)):
                 p = out.with_name(f"{out.stem}.seg{j}{out.suffix}")
-                write_nir_atomic(sg, p)
+                low.write_nir(sg, p)
                 files.append(str(p))
         summ = summarize(graph)
         notes = [desc["standard_reader_computes"]]

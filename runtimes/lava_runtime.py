@@ -98,6 +98,7 @@ import scipy.sparse as sp
 
 from stata_deploy import loihi_fixed
 from stata_deploy.errors import DataError, StataError, UnsupportedOpError
+from stata_deploy.ir.geometry import conv_len
 from stata_deploy.nn.neurons import TAU, V_RESET, V_TH
 from stata_deploy.results import RunResult
 from stata_deploy.runtime_api import Runtime
@@ -504,15 +505,14 @@ class _Builder:
                 if syns:
                     if len(syns) != len(p["inputs"]):
                         raise AssertionError(f"{name}: a LIF fed by a Lava Sparse and something else")
-                    gated = [s for s, _ in syns if s.get("gated_bias")]  # last (see _lava_masked_pair)
-                    syns = [sg for sg in syns if not sg[0].get("gated_bias")] + [(s, 1.0) for s in gated]
-                    ks, entry = loihi_layer([s["kwargs"]["weights"] for s, _ in syns[:len(syns) - len(gated)]],
-                                            [g for _, g in syns], k["bias_mant"], k["vth"], 1.0 / k["dv"],
-                                            netx=self.netx_input,
+                    gated = [s for s, _ in syns if s.get("gated_bias")]  # _lava_masked_pair's bias (at most one)
+                    syns = [sg for sg in syns if not sg[0].get("gated_bias")]
+                    ks, entry = loihi_layer([s["kwargs"]["weights"] for s, _ in syns], [g for _, g in syns],
+                                            k["bias_mant"], k["vth"], 1.0 / k["dv"], netx=self.netx_input,
                                             gated_bias=gated[0]["kwargs"]["weights"] if gated else None)
                     if syns[0][1] is None:
                         pixel_grid(ks["in_grid"])
-                    for (s, _), sk in zip(syns, ks["sparse"]):
+                    for s, sk in zip([s for s, _ in syns] + gated, ks["sparse"]):  # the gated bias's last
                         out.append({**s, "kwargs": {**s["kwargs"], **sk}})
                     k.update(ks["lif"])
                 else:
@@ -913,8 +913,7 @@ def _conv_matrix(w: np.ndarray, in_shape, stride, padding, dilation, groups) -> 
     Ci, H, W = in_shape
     Co, cig, kh, kw = w.shape
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    Ho, Wo = conv_len(H, kh, sh, ph, dh), conv_len(W, kw, sw, pw, dw)
     cog = Co // groups
     oy, ox = np.meshgrid(np.arange(Ho), np.arange(Wo), indexing="ij")
     opix = (oy * Wo + ox).ravel()

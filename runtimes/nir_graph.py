@@ -59,9 +59,10 @@ import numpy as np
 
 from stata_deploy.errors import StataError, UnsupportedOpError
 from stata_deploy.ir.lowered import (LIF, Affine, Conv1d, Conv2d, Flatten, Graph, HostOp, InputPort, Lowered,
-                                     OutputPort, SumPool2d, TokenSegment, host_node, to_nir_graph)
+                                     OutputPort, SumPool2d, TokenSegment, host_node, to_nir_graph,
+                                     write_nir)
 from stata_deploy.ir.nodes import IRError
-from stata_deploy.ir.geometry import _span, conv_synapses  # noqa: F401 - shared with the NIR exporter
+from stata_deploy.ir.geometry import _span, conv_len, conv_synapses
 from stata_deploy.results import RunResult
 
 from stata_deploy.description import META_KEY, NIR_FORMAT_VERSION  # noqa: E402 - our JSON description
@@ -175,13 +176,8 @@ def to_nir(graph: Graph):
 
 
 def write_graph(graph: Graph, path: str | Path) -> Path:
-    """Write a lowered graph as a .nir file, atomically (in memory first: a full disk is one error)."""
-    import nir
-
-    from stata_deploy.fileio import write_via_buffer
-
-    g = to_nir(graph)
-    return write_via_buffer(Path(path), lambda buf: nir.write(buf, g))
+    """Write a lowered graph as a .nir file, atomically (``lowered.write_nir``)."""
+    return write_nir(to_nir(graph), path)
 
 
 def read_description(graph) -> dict:
@@ -418,8 +414,7 @@ def conv2d(x: np.ndarray, w: np.ndarray, b, stride, padding, dilation, groups) -
     B, Ci, H, W = x.shape
     Co, cig, kh, kw = w.shape
     (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation
-    Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    Ho, Wo = conv_len(H, kh, sh, ph, dh), conv_len(W, kw, sw, pw, dw)
     x = np.asarray(x, dtype=np.float64)
     out = np.zeros((B, Co, Ho, Wo))
     cog = Co // groups

@@ -9,6 +9,11 @@ def _tup(v, n=2):
     return tuple(a * n if len(a) == 1 else a)
 
 
+def conv_len(n: int, k: int, stride=1, padding=0, dilation=1) -> int:
+    """Output length of a conv (or pool) along one axis: torch's (n + 2p - d(k - 1) - 1) // s + 1."""
+    return (int(n) + 2 * int(padding) - int(dilation) * (int(k) - 1) - 1) // int(stride) + 1
+
+
 def _span(n_in, n_out, s, p, d, k):
     """Output range [o0, o1) of a conv axis whose input o*s - p + k*d (kernel tap k) lies in [0, n_in)."""
     o0 = max(0, -(-(p - k * d) // s))
@@ -25,8 +30,7 @@ def conv_synapses(w: np.ndarray, in_hw, stride, padding, dilation) -> int:
     H, W = (int(v) for v in in_hw)
     kh, kw = w.shape[2:]
     (sh, sw), (ph, pw), (dh, dw) = (_tup(v) for v in (stride, padding, dilation))
-    Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    Ho, Wo = conv_len(H, kh, sh, ph, dh), conv_len(W, kw, sw, pw, dw)
     nnz = np.count_nonzero(w, axis=(0, 1))  # (kh, kw)
     total = 0
     for i, j in np.argwhere(nnz):

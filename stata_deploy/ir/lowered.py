@@ -18,6 +18,7 @@ Arrays are read-only float64 copies (NIR stores float32; float64 keeps sums of p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -221,6 +222,16 @@ def to_nir_graph(nodes: dict[str, Lowered], edges, metadata: dict):
     return nir.NIRGraph(nodes=out, edges=list(edges), metadata=metadata)
 
 
+def write_nir(graph, path) -> Path:
+    """nir.write of a nir.NIRGraph into memory (h5py), then one atomic write: a full disk is one error, never a
+    crash in HDF5 or a half-written file (the exporter's files and ``runtimes.nir_graph.write_graph``)."""
+    import nir
+
+    from ..fileio import write_via_buffer
+
+    return write_via_buffer(Path(path), lambda buf: nir.write(buf, graph))
+
+
 # ------------------------------------------------------------------------------------------- host operations
 HOST_NODE_TYPES = (Product, Neuron)  # a host operation's node: an IR Product, or a relu / ternary Neuron
 
@@ -298,10 +309,6 @@ class Graph:
         """Positions kept by token segment ``sid`` at timestep t, ascending (torch's slot order)."""
         seg = self.segments[sid]
         return np.sort(seg.positions[seg.schedule[t]])
-
-    def ports(self, cls: type) -> list[Lowered]:
-        """The InputPort or OutputPort nodes, in graph order."""
-        return [o for o in self.ops.values() if isinstance(o, cls)]
 
     @property
     def config(self) -> dict:
