@@ -38,6 +38,13 @@ The results file is JSON: ``{"format": "stata-deploy-ablation/1", "runs": [recor
      "train_seconds": 812.3, "wall_seconds": 840.1, "commit": "<git HEAD>", "finished": "2026-12-01T22:10:00Z",
      "threads": 1}
 
+Code version: the recipe fixes data, model and schedule, not the code; every record carries its commit. The committed
+records were trained and evaluated at commit e5850f2 or earlier, where top-k broke ties between equal scores the way
+``torch.topk`` does (the higher index); later commits give ties to the lower index (``scorers.top_indices``, ONNX's
+rule), so a rerun there is not bitwise the same: evaluating the trained seed-0 runs under the new rule moved l1 /
+stata / anchor by -0.05 / -0.03 / -0.01 pt. A study in progress stays on one commit (``git checkout e5850f2`` in the
+study's own worktree); ``none`` has no selection and is unaffected.
+
 Output: a table like the paper's (accuracy mean +- std over seeds per variant and gamma, and the paired difference
 to random and to AT with a 95 % t-interval over seeds), a plot of accuracy vs gamma per scorer (``--plot``, PNG, not
 committed), and the last line ``key=value``.

@@ -64,7 +64,7 @@ def diagnose(model, x) -> dict:
     """Per-timestep diagnostics (lists of length T) at the first pruning site of ``model`` on images x."""
     import torch
 
-    from stata_deploy.pruning.scorers import num_keep
+    from stata_deploy.pruning.scorers import num_keep, top_indices
 
     cfg = model.cfg
     if cfg.prune.method not in ("stata", "anchor") or not cfg.anchor:
@@ -84,12 +84,12 @@ def diagnose(model, x) -> dict:
     out = {f: [] for f in ("q_silent", "q_rate", "tie_kept", "vs_l1", "jaccard0")}
     kept0 = None
     for t in range(T):
-        top = scores[t, :, img].topk(k, -1).indices  # (B, k) image-slot indices
+        top = top_indices(scores[t, :, img], k)  # (B, k) image-slot indices, the model's tie rule
         kept = torch.zeros(B, n - 1, dtype=torch.bool).scatter_(1, top, True)
         r = row[t, :, img]
         best_dropped = torch.where(kept, torch.full_like(r, -torch.inf), r).amax(-1, keepdim=True)
         tie = (r == best_dropped) & kept
-        l1 = torch.zeros_like(kept).scatter_(1, act[t, :, img].topk(k, -1).indices, True)
+        l1 = torch.zeros_like(kept).scatter_(1, top_indices(act[t, :, img], k), True)
         kept0 = kept if kept0 is None else kept0
         inter = (kept & kept0).sum(-1).double()
         union = (kept | kept0).sum(-1).double()

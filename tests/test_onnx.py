@@ -157,6 +157,52 @@ def test_parity_attention_kinds_timestep_wise_masks(preset, tmp_path):
     assert (got.predictions == ref.predictions).all()
 
 
+@pytest.mark.parametrize("method", ["stata", "l1", "tp"])
+def test_parity_dynamic_topk_with_ties(method, trained_run, digits, tmp_path, monkeypatch):
+    """``--masks dynamic``: the scores, TopK and gathers run in ONNX Runtime; with scores that tie at the k-th place
+    (spike counts, the anchor's binary attention row) ORT keeps the same tokens as torch and every spike agrees."""
+    from stata_deploy.pruning import scorers
+
+    model, _ = load_model(trained_run)
+    if method != "stata":  # the same trained weights under another scorer (l1 and TP need no training)
+        other = build_model(model.cfg.replace(prune={"method": method, "keep": 0.5, "sites": [1]}))
+        other.load_state_dict(model.state_dict())
+        model = other.eval()
+    x = torch.from_numpy(digits.x_test[:128])
+    boundary_ties, rows = 0, 0
+    top = scorers.top_indices
+
+    def counting(values, k):  # how many selections have a tie between the k-th and the (k+1)-th best score
+        nonlocal boundary_ties, rows
+        if values.shape[-1] > k:
+            v = values.sort(-1, descending=True).values
+            boundary_ties += int((v[..., k - 1] == v[..., k]).sum())
+            rows += v[..., 0].numel()
+        return top(values, k)
+
+    monkeypatch.setattr(scorers, "top_indices", counting)
+    ref = run_torch(model, x)
+    monkeypatch.setattr(scorers, "top_indices", top)
+    out = tmp_path / f"dyn-{method}.onnx"
+    OnnxExporter().export(model, None, out, dynamic_masks=True)
+    got = OnnxRuntime(out).run(x.numpy())
+    bad, total, per = spike_mismatches(got, ref)
+    print(f"\ndynamic top-k {method}: {boundary_ties} of {rows} selections tie at the k-th place; "
+          f"{bad} mismatches of {total} spikes on {len(x)} inputs")
+    assert boundary_ties > 0, "no tie at the k-th place: the test would not see a different tie rule"
+    assert set(got.kept) == set(ref.kept) and all(np.array_equal(got.kept[s], ref.kept[s]) for s in ref.kept)
+    assert bad == 0, {k: v for k, v in per.items() if v}
+    assert (got.predictions == ref.predictions).all()
+    np.testing.assert_allclose(got.logits_t, ref.logits_t, rtol=1e-5, atol=1e-5)
+
+
+def test_top_indices_breaks_ties_by_the_lower_index():
+    from stata_deploy.pruning.scorers import top_indices
+
+    v = torch.tensor([[1.0, 3.0, 1.0, 1.0, 0.0, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    assert top_indices(v, 3).tolist() == [[1, 5, 0], [0, 1, 2]]
+
+
 def test_file_format_checker_opset_domains_metadata(stata_run, tmp_path):
     model, _ = load_model(stata_run)
     masks = TokenMasks.load(stata_run / "masks.json")

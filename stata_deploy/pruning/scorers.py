@@ -98,13 +98,27 @@ def num_keep(n_img: int, keep: float) -> int:
     return max(1, math.ceil(keep * n_img - 1e-9))
 
 
+def top_indices(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest values along the last axis, best first; among equal values the lower index wins.
+
+    ``torch.topk`` leaves the order of ties to its implementation (on CPU it keeps the *higher* indices of a run of
+    equal values), ONNX's TopK fixes it to the lower index first. Scores tie often (spike counts, the anchor's
+    binary attention row), so the rule decides which tokens are kept: torch uses a stable descending sort here, and
+    under ONNX export TopK, whose tie rule is the same, so ONNX Runtime keeps the same tokens as torch.
+    """
+    if torch.onnx.is_in_onnx_export():
+        return values.topk(k, dim=-1).indices  # ONNX TopK: "the element with the lower index appears first"
+    return values.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+
+
 def select_topk(scores: torch.Tensor, timestep_wise: bool, T: int, keep: float, n_fixed: int) -> torch.Tensor:
-    """Local slot indices to keep: (T, B, k) ascending; the first ``n_fixed`` slots (anchor) always kept."""
+    """Local slot indices to keep: (T, B, k) ascending; the first ``n_fixed`` slots (anchor) always kept; ties
+    between equal scores go to the lower slot (``top_indices``)."""
     if not timestep_wise:
         scores = scores.unsqueeze(0).expand(T, *scores.shape)
     img = scores[..., n_fixed:]
     k = num_keep(img.shape[-1], keep)
-    top = img.topk(k, dim=-1).indices + n_fixed
+    top = top_indices(img, k) + n_fixed
     top, _ = top.sort(-1)
     if n_fixed:
         fixed = torch.arange(n_fixed, device=top.device).expand(*top.shape[:-1], n_fixed)
