@@ -267,16 +267,19 @@ def cells(a, runs: list[dict]) -> dict:
     return out
 
 
-def table(a, runs: list[dict]) -> tuple[str, dict]:
+# the seed paper's Table 1/5 (CIFAR-100, spikformer-4-384, gamma 0.5): the column beside ours in --markdown
+PAPER = {"none": 79.98, "random": 78.31, "l1": 78.51, "ssa": 78.47, "anchor": 78.98, "stata": 79.23,
+         "stata+intra": 79.58, "stata+intra+inter": 79.86}
+
+
+def table_rows(a, runs: list[dict]) -> tuple[list[tuple], dict]:
+    """[(variant, gamma or None, n, accuracy 'm ± s', vs random, vs AT)] and the key=value summary."""
     c = cells(a, runs)
     base = c.get(("none", None), {})
-    lines = [f"{a.dataset}, {a.model}, {a.epochs} epochs, train images {a.train_limit or 'all'}; accuracy % "
-             "(mean ± std over seeds), paired difference in points with a 95 % t-interval over seeds",
-             f"{'variant':<19}{'gamma':>6}{'n':>3}  {'accuracy %':>14}  {'vs random':>15}  {'vs AT (anchor)':>15}"]
-    kv: dict = {}
+    rows, kv = [], {}
     if base:
         v = [100 * x for x in base.values()]
-        lines.append(f"{'none (unpruned)':<19}{'-':>6}{len(v):>3}  {_ms(v):>14}")
+        rows.append(("none", None, len(v), _ms(v), "", ""))
         kv["acc_none"] = round(statistics.mean(v), 2)
     for g in a.gamma_list:
         for var in [v for v in VARIANTS if v != "none"]:
@@ -285,8 +288,27 @@ def table(a, runs: list[dict]) -> tuple[str, dict]:
                 continue
             v = [100 * x for x in s.values()]
             vs = [_pd(paired(s, c.get((ref, g), {}))) if var != ref else "" for ref in ("random", "anchor")]
-            lines.append(f"{var:<19}{g:>6}{len(v):>3}  {_ms(v):>14}  {vs[0]:>15}  {vs[1]:>15}")
+            rows.append((var, g, len(v), _ms(v), *vs))
             kv[f"acc_{var}_g{g}"] = round(statistics.mean(v), 2)
+    return rows, kv
+
+
+def table(a, runs: list[dict], markdown: bool = False) -> tuple[str, dict]:
+    rows, kv = table_rows(a, runs)
+    if markdown:
+        lines = ["| variant | gamma | n | accuracy % | vs random (pt) | vs AT (pt) | paper (CIFAR-100, gamma 0.5) |",
+                 "|---|---|---|---|---|---|---|"]
+        for var, g, n, acc, r, at in rows:
+            paper = PAPER.get(var, "") if g in (None, 0.5) else ""
+            lines.append(f"| {'none (unpruned)' if var == 'none' else var} | {'-' if g is None else g} | {n} | "
+                         f"{acc} | {r} | {at} | {paper} |")
+        return "\n".join(lines), kv
+    lines = [f"{a.dataset}, {a.model}, {a.epochs} epochs, train images {a.train_limit or 'all'}; accuracy % "
+             "(mean ± std over seeds), paired difference in points with a 95 % t-interval over seeds",
+             f"{'variant':<19}{'gamma':>6}{'n':>3}  {'accuracy %':>14}  {'vs random':>15}  {'vs AT (anchor)':>15}"]
+    for var, g, n, acc, r, at in rows:
+        name = "none (unpruned)" if var == "none" else var
+        lines.append(f"{name:<19}{'-' if g is None else g:>6}{n:>3}  {acc:>14}  {r:>15}  {at:>15}".rstrip())
     return "\n".join(lines), kv
 
 
@@ -379,6 +401,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "runs" / "ablation"), help="run folders (gitignored)")
     ap.add_argument("--plot", default=None, help="accuracy vs gamma per scorer (PNG)")
     ap.add_argument("--table-only", action="store_true", help="train nothing; print the table of recorded runs")
+    ap.add_argument("--markdown", action="store_true", help="the table as Markdown (the README's), paper column")
     ap.add_argument("--child", nargs=3, metavar=("VARIANT", "GAMMA", "SEED"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     a.train_limit = a.train_limit or None
@@ -416,7 +439,7 @@ def main(argv=None) -> int:
                     for s in seeds:
                         tp_one(a, res, a.gamma_list[i - 1], s, log)
     runs = res.load()
-    text, kv = table(a, runs)
+    text, kv = table(a, runs, a.markdown)
     print("\n" + text + "\n")
     for v in verdicts(a, runs):
         print(v)
