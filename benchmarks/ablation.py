@@ -339,6 +339,7 @@ def verdicts(a, runs: list[dict]) -> list[str]:
         get = lambda v: c.get((v, g), {})  # noqa: E731
         say(f"gamma {g}: TAT (stata) > AT (anchor)", paired(get("stata"), get("anchor")))
         say(f"gamma {g}: AT (anchor) > random", paired(get("anchor"), get("random")))
+        say(f"gamma {g}: TAT (stata) > random", paired(get("stata"), get("random")))
         say(f"gamma {g}: +intra helps", paired(get("stata+intra"), get("stata")))
         say(f"gamma {g}: +inter helps", paired(get("stata+intra+inter"), get("stata+intra")))
         say(f"gamma {g}: training the anchor (--anchor-grad) helps", paired(get("stata"), get("stata-nograd")))

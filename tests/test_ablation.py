@@ -60,6 +60,7 @@ def test_verdicts_supported_contradicted_cannot_tell(abl):
     a = _args()
     v = {line.split(":")[1].strip(): line for line in abl.verdicts(a, _records(abl, a))}
     assert "supported (+1.00 ±" in v["AT (anchor) > random"]
+    assert "contradicted (-1.00 ±" in v["TAT (stata) > random"]
     assert "contradicted (-2.00 ±" in v["TAT (stata) > AT (anchor)"]
     assert "cannot tell (+0.03 ±" in v["+intra helps"] and "contains 0" in v["+intra helps"]
     assert "fewer than 2 paired seeds" in v["+inter helps"]
