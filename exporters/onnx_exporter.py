@@ -395,7 +395,7 @@ class OnnxExporter(Exporter):
             if cfg.prune.method == "tp":  # equal scores go to the lower index in both (scorers.top_indices)
                 notes.append("dynamic TP top-k in the graph: TP's real-valued scores are computed with a different "
                              "float32 rounding by ONNX Runtime; two scores within one ulp at the k-th place can "
-                             "swap (4 of 360 digits test images on the demo's weights)")
+                             "swap (measured: 4 of 360 digits test images on a trained spikformer-tiny)")
         else:
             source = "none"
             graph = _StaticGraph(model, None)
