@@ -300,16 +300,19 @@ def table(a, runs: list[dict], markdown: bool = False) -> tuple[str, dict]:
                  "|---|---|---|---|---|---|---|"]
         for var, g, n, acc, r, at in rows:
             paper = PAPER.get(var, "") if g in (None, 0.5) else ""
-            lines.append(f"| {'none (unpruned)' if var == 'none' else var} | {'-' if g is None else g} | {n} | "
+            lines.append(f"| {_label(var)} | {'-' if g is None else g} | {n} | "
                          f"{acc} | {r} | {at} | {paper} |")
         return "\n".join(lines), kv
     lines = [f"{a.dataset}, {a.model}, {a.epochs} epochs, train images {a.train_limit or 'all'}; accuracy % "
              "(mean ± std over seeds), paired difference in points with a 95 % t-interval over seeds",
              f"{'variant':<19}{'gamma':>6}{'n':>3}  {'accuracy %':>14}  {'vs random':>15}  {'vs AT (anchor)':>15}"]
     for var, g, n, acc, r, at in rows:
-        name = "none (unpruned)" if var == "none" else var
-        lines.append(f"{name:<19}{'-' if g is None else g:>6}{n:>3}  {acc:>14}  {r:>15}  {at:>15}".rstrip())
+        lines.append(f"{_label(var):<19}{'-' if g is None else g:>6}{n:>3}  {acc:>14}  {r:>15}  {at:>15}".rstrip())
     return "\n".join(lines), kv
+
+
+def _label(var: str) -> str:
+    return "none (unpruned)" if var == "none" else var
 
 
 def _ms(v: list[float]) -> str:

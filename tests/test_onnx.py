@@ -15,7 +15,7 @@ from stata_deploy.train.checkpoint import load_model, save_model  # noqa: E402
 from stata_deploy.config import PruneConfig, make_config  # noqa: E402
 from stata_deploy.errors import StataError  # noqa: E402
 from stata_deploy.inference import run_torch  # noqa: E402
-from stata_deploy.nn.model import build_model  # noqa: E402
+from stata_deploy.nn.model import build_model, with_prune  # noqa: E402
 from stata_deploy.pruning.masks import TokenMasks
 from stata_deploy.pruning.calibration import calibrate_masks
 from stata_deploy.pruning.scorers import num_keep
@@ -131,10 +131,7 @@ def test_parity_unpruned_and_tp(base_run, digits, tmp_path):
     assert bad == 0 and (got.predictions == ref.predictions).all()
     assert spiking_layers(ref) >= 5 and sum(float(np.abs(v).sum()) for v in ref.spikes.values()) > 100_000
     # training-free TP on the same weights, its static (skip-mode) masks calibrated on training images
-    cfg = model.cfg.replace(prune={"method": "tp", "keep": 0.5, "sites": [1]})
-    tp = build_model(cfg)
-    tp.load_state_dict(model.state_dict())
-    tp.eval()
+    tp = with_prune(model, method="tp", keep=0.5, sites=[1])
     masks = calibrate_masks(tp, [torch.from_numpy(digits.x_train[:64])])
     assert masks.mode == "skip"
     _, got, ref, bad, total, _ = export_and_compare(tp, masks, x, tmp_path, "tp")
@@ -165,9 +162,7 @@ def test_parity_dynamic_topk_with_ties(method, trained_run, digits, tmp_path, mo
 
     model, _ = load_model(trained_run)
     if method != "stata":  # the same trained weights under another scorer (l1 and TP need no training)
-        other = build_model(model.cfg.replace(prune={"method": method, "keep": 0.5, "sites": [1]}))
-        other.load_state_dict(model.state_dict())
-        model = other.eval()
+        model = with_prune(model, method=method, keep=0.5, sites=[1])
     x = torch.from_numpy(digits.x_test[:128])
     boundary_ties, rows = 0, 0
     top = scorers.top_indices

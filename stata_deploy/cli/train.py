@@ -214,7 +214,7 @@ def prune(run, method, keep, start, out, force, dataset, limit, as_json, threads
     """
     from ..train import checkpoint as ckpt
     from ..fileio import check_run_out, remove_if_empty
-    from ..nn.model import build_model
+    from ..nn.model import with_prune
     from ..train.loop import evaluate
 
     set_threads(threads)
@@ -226,10 +226,8 @@ def prune(run, method, keep, start, out, force, dataset, limit, as_json, threads
     first = start if start is not None else max(1, depth // 3)
     if first >= depth:
         raise StataError(f"--start {first} is past the last block ({depth - 1})")
-    cfg = model.cfg.replace(prune={"method": method, "keep": keep, "sites": list(range(first, depth))})
-    pruned = build_model(cfg)
-    pruned.load_state_dict(model.state_dict())
-    pruned.eval()
+    pruned = with_prune(model, method=method, keep=keep, sites=list(range(first, depth)))
+    cfg = pruned.cfg
     ds = _load_eval_data(meta, dataset, cfg.T)
     check_data_fits(cfg, ds)
     x, y = ds.x_test[:limit], ds.y_test[:limit]

@@ -239,5 +239,12 @@ def build_model(cfg: ModelConfig) -> SpikingTransformer:
     return SpikingTransformer(cfg)
 
 
+def with_prune(model: SpikingTransformer, **prune) -> SpikingTransformer:
+    """The same weights under other pruning settings (e.g. training-free TP on a trained model), in eval mode."""
+    other = build_model(model.cfg.replace(prune=prune))
+    other.load_state_dict(model.state_dict())
+    return other.eval()
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
