@@ -366,20 +366,28 @@ def plot(a, runs: list[dict], path: str) -> None:
     from stata_deploy.fileio import write_via_buffer
 
     c = cells(a, runs)
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for var in [v for v in VARIANTS if v != "none"]:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    shown = [v for v in VARIANTS if v != "none" and any(c.get((v, g)) for g in a.gamma_list)]
+    step = 0.04 / max(len(shown), 1)  # side by side at each gamma, so the error bars do not hide each other
+    for i, var in enumerate(shown):
         gs = sorted(g for g in a.gamma_list if c.get((var, g)))
-        if not gs:
-            continue
         m = [100 * statistics.mean(c[(var, g)].values()) for g in gs]
         s = [100 * statistics.stdev(c[(var, g)].values()) if len(c[(var, g)]) > 1 else 0 for g in gs]
-        ax.errorbar(gs, m, yerr=s, marker="o", capsize=3, label=var)
+        x = [g + (i - (len(shown) - 1) / 2) * step for g in gs]
+        ns = sorted({len(c[(var, g)]) for g in gs})
+        n = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+        ax.errorbar(x, m, yerr=s, marker="os^vD<>ph*"[i % 10], capsize=3, label=f"{var} (n={n})")
     if c.get(("none", None)):
-        ax.axhline(100 * statistics.mean(c[("none", None)].values()), color="k", ls="--", lw=1, label="unpruned")
-    ax.set_xlabel("keep ratio gamma")
+        none = [100 * v for v in c[("none", None)].values()]
+        mu = statistics.mean(none)
+        sd = statistics.stdev(none) if len(none) > 1 else 0.0
+        ax.axhline(mu, color="k", ls="--", lw=1, label=f"unpruned (n={len(none)}, band: ± std)")
+        ax.axhspan(mu - sd, mu + sd, color="k", alpha=0.08)
+    ax.set_xticks(sorted(a.gamma_list))
+    ax.set_xlabel("keep ratio gamma (points side by side at each gamma)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{a.dataset}, {a.model}: scorer ablation (mean ± std over seeds)")
-    ax.legend(fontsize=7)
+    ax.set_title(f"{a.dataset}, {a.model}: scorer ablation\nmean ± std over seeds")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     write_via_buffer(Path(path), lambda buf: fig.savefig(buf, dpi=130, format="png"))
     plt.close(fig)

@@ -84,3 +84,27 @@ def test_table_keeps_other_recipes_out_and_writes_markdown(abl, tmp_path, capsys
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("runs=15 acc_none=87.0 ") and any(line.startswith("| stata | 0.5 | 3 |") for line in out)
     assert any("15 runs recorded" in line and "(11.0 min per run)" in line for line in out)
+
+
+def test_plot_draws_one_series_per_scorer_with_its_seed_count(abl, tmp_path, monkeypatch):
+    import matplotlib.axes
+    from PIL import Image
+
+    drawn = []
+    real = matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
+                        lambda self, x, y, **kw: drawn.append((list(x), list(y), kw)) or real(self, x, y, **kw))
+    a = _args(gamma_list=[0.3, 0.5])
+    rec = abl.recipe(a, "random", 0.3)
+    runs = _records(abl, a) + [r | {"gamma": 0.3, "recipe": rec, "recipe_id": abl.recipe_id(rec)}
+                               for r in _records(abl, a) if r["variant"] == "random"][:2]
+    out = tmp_path / "abl.png"
+    abl.plot(a, runs, str(out))
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size[0] > im.size[1] > 200
+    labels = {kw["label"]: (x, y) for x, y, kw in drawn}
+    assert set(labels) == {"random (n=2-3)", "anchor (n=3)", "stata (n=3)", "stata+intra (n=3)"}
+    x, y = labels["random (n=2-3)"]
+    assert len(x) == 2 and x[0] < 0.3 + 0.05 < 0.5 - 0.05 < x[1]  # one point per gamma, offset beside it
+    assert y[1] == pytest.approx(100 * statistics.mean(ACC["random"]))
+    assert y[0] == pytest.approx(100 * statistics.mean(ACC["random"][:2]))
