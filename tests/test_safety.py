@@ -295,7 +295,7 @@ def test_kept_plot_draws_every_timestep(run_copy, tmp_path):
     from PIL import Image
 
     from stata_deploy.train.checkpoint import load_model
-    from stata_deploy.cli.kept import kept_positions
+    from stata_deploy.cli.kept import ink_in_kept, kept_positions, patch_ink
     from stata_deploy.train.data import load_dataset
 
     out = tmp_path / "kept.png"
@@ -313,3 +313,25 @@ def test_kept_plot_draws_every_timestep(run_copy, tmp_path):
     same = all(set(kept[k["site"]][t, 0]) == set(kept[k["site"]][0, 0]) for t in range(model.cfg.T))
     assert k["same_tokens_every_timestep"] == same
     assert torch.as_tensor(kept[k["site"]]).min() >= 0  # anchor excluded: image-token indices
+    # the ink share over --measure images (256 default, digits has 360 test images): recomputed here from the
+    # model's own kept positions, and the patch share is k / P
+    assert k["measured_images"] == 256 and k["kept_patch_share"] == k["kept_per_timestep"] / model.cfg.grid ** 2
+    xm = load_dataset("digits").x_test[:256]
+    share = ink_in_kept(patch_ink(xm, model.cfg.grid), kept_positions(model, xm)[k["site"]])
+    assert k["ink_share_in_kept_per_timestep"] == pytest.approx(share.tolist(), abs=1e-12)
+    assert all(0 < v < 1 for v in share) and len(share) == model.cfg.T
+
+
+def test_ink_share_by_hand():
+    """patch_ink / ink_in_kept on a 4x4 image of 2x2 patches: the ink above the darkest pixel, per patch."""
+    from stata_deploy.cli.kept import ink_in_kept, patch_ink
+
+    img = np.zeros((1, 1, 4, 4))
+    img[0, 0, :2, :2] = 3.0  # patch 0: 12 units of ink
+    img[0, 0, 2:, 2:] = 1.0  # patch 3: 4 units
+    img -= 5.0  # an offset (a normalised dataset) does not change the ink
+    ink = patch_ink(img, 2)
+    assert ink.tolist() == [[0.75, 0.0, 0.0, 0.25]]
+    kept = np.array([[[0]], [[1]], [[3]]])  # (T=3, B=1, k=1)
+    assert ink_in_kept(ink, kept).tolist() == [0.75, 0.0, 0.25]
+    assert patch_ink(np.ones((1, 3, 4, 4)), 2).tolist() == [[0.25] * 4]  # a blank image: every patch the same

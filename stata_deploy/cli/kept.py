@@ -25,6 +25,25 @@ def kept_positions(model, x, masks=None) -> dict[int, np.ndarray]:
     return res
 
 
+def patch_ink(x: np.ndarray, grid: int) -> np.ndarray:
+    """(B, grid * grid) share of each image's ink in each patch: the intensity above the image's darkest pixel
+    (channels averaged), summed per patch, divided by the image's total (rows sum to 1; a blank image counts each
+    patch equally)."""
+    g = np.asarray(x, np.float64).mean(1)  # (B, H, W)
+    g = g - g.min(axis=(1, 2), keepdims=True)
+    B, H, W = g.shape
+    ph, pw = H // grid, W // grid
+    ink = g[:, :ph * grid, :pw * grid].reshape(B, grid, ph, grid, pw).sum((2, 4)).reshape(B, grid * grid)
+    tot = ink.sum(1, keepdims=True)
+    return np.where(tot > 0, ink / np.where(tot > 0, tot, 1), 1.0 / (grid * grid))
+
+
+def ink_in_kept(ink: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """(T,) mean over images of the ink share in the kept patches: ink (B, P) from ``patch_ink``, kept (T, B, k)
+    image-token positions. Compare with k / P: above it, the scorer keeps the object more than the background."""
+    return np.take_along_axis(ink[None], kept.astype(np.int64), -1).sum(-1).mean(-1)
+
+
 def _panel(img: np.ndarray, keep: np.ndarray, grid: int) -> np.ndarray:
     """An RGB view of img (C, H, W) with the patches not in ``keep`` (image-token indices) dimmed and tinted."""
     g = img.mean(0) if img.shape[0] != 3 else img.transpose(1, 2, 0)
@@ -47,12 +66,16 @@ def _panel(img: np.ndarray, keep: np.ndarray, grid: int) -> np.ndarray:
 @click.option("--images", default=3, show_default=True, type=click.IntRange(1, 16), help="Test images to draw.")
 @click.option("--dataset", default=None, help="Dataset (default: the first run's).")
 @click.option("--site", default=None, type=int, help="Pruning site to draw (default: each run's first).")
+@click.option("--measure", default=256, show_default=True, type=click.IntRange(0, None),
+              help="Test images over which to measure how much of the image's ink the kept patches hold (0: skip).")
 @click.option("--json", "as_json", is_flag=True)
 @threads_option
-def kept_cmd(runs, plot_path, images, dataset, site, as_json, threads):
+def kept_cmd(runs, plot_path, images, dataset, site, measure, as_json, threads):
     """Draw which patches each run's scorer keeps at every timestep on a few test images: one row per image and run
     (dynamic top-k; a second row with the static masks when RUN/masks.json exists), one column per timestep.
-    Kept patches are shown as they are, dropped ones dimmed red.
+    Kept patches are shown as they are, dropped ones dimmed red. Over --measure test images it also reports the
+    share of the image's ink (intensity above its darkest pixel) in the kept patches, beside the share of patches
+    kept: above it, the scorer keeps the object more than the background.
 
     \b
     Examples:
@@ -86,7 +109,8 @@ def kept_cmd(runs, plot_path, images, dataset, site, as_json, threads):
     cfg0 = loaded[0][1].cfg
     ds = _load_eval_data(loaded[0][2], dataset, cfg0.T)
     x = ds.x_test[:images]
-    rows, summary = [], {}
+    xm = ds.x_test[:measure]
+    rows, summary, lines = [], {}, []
     for r, model, _, masks in loaded:
         check_data_fits(model.cfg, ds)
         for label, m in (("dynamic", None), ("static", masks)):
@@ -99,10 +123,19 @@ def kept_cmd(runs, plot_path, images, dataset, site, as_json, threads):
             rows.append((f"{Path(r).name} {model.cfg.prune.method} ({label})", kept[s], model.cfg.grid))
             T = kept[s].shape[0]
             sets = [set(kept[s][t, 0].tolist()) for t in range(T)]
-            summary[f"{Path(r).name}:{label}"] = {
+            stats = summary[f"{Path(r).name}:{label}"] = {
                 "site": s, "kept_per_timestep": len(sets[0]),
                 "same_tokens_every_timestep": all(st == sets[0] for st in sets),
                 "jaccard_t0_vs_t": [len(sets[0] & st) / max(1, len(sets[0] | st)) for st in sets]}
+            if len(xm):
+                P = model.cfg.grid ** 2
+                km = np.concatenate([kept_positions(model, xm[i:i + 64], m)[s] for i in range(0, len(xm), 64)], 1)
+                share = ink_in_kept(patch_ink(xm, model.cfg.grid), km)
+                stats.update(measured_images=len(xm), kept_patch_share=len(sets[0]) / P,
+                           ink_share_in_kept_per_timestep=share.tolist())
+                lines.append(f"  {rows[-1][0]}: keeps {len(sets[0])} of {P} patches ({len(sets[0]) / P:.0%}), holding "
+                             f"{share.mean():.0%} of the image's ink (t = 0..{T - 1}: "
+                             f"{' / '.join(f'{v:.0%}' for v in share)}; {len(xm)} test images)")
     T = cfg0.T
     fig, axes = plt.subplots(len(rows) * images, T, figsize=(1.6 * T, 1.6 * len(rows) * images), squeeze=False)
     for i in range(images):
@@ -124,4 +157,4 @@ def kept_cmd(runs, plot_path, images, dataset, site, as_json, threads):
     finally:
         plt.close(fig)
     res = {"plot": str(out), "images": images, "rows": [r[0] for r in rows], "runs": summary}
-    emit(res, as_json, f"wrote {out}: {len(rows)} row(s) x {images} image(s) x {T} timesteps")
+    emit(res, as_json, "\n".join([f"wrote {out}: {len(rows)} row(s) x {images} image(s) x {T} timesteps", *lines]))
