@@ -25,6 +25,12 @@ def kept_positions(model, x, masks=None) -> dict[int, np.ndarray]:
     return res
 
 
+def _kept_batched(model, x, masks=None, batch: int = 64) -> dict[int, np.ndarray]:
+    """``kept_positions`` over x in batches of ``batch`` images, joined along the image axis."""
+    parts = [kept_positions(model, x[i:i + batch], masks) for i in range(0, len(x), batch)]
+    return {s: np.concatenate([p[s] for p in parts], 1) for s in parts[0]}
+
+
 def patch_ink(x: np.ndarray, grid: int) -> np.ndarray:
     """(B, grid * grid) share of each image's ink in each patch: the intensity above the image's darkest pixel
     (channels averaged), summed per patch, divided by the image's total (rows sum to 1; a blank image counts each
@@ -110,17 +116,18 @@ def kept_cmd(runs, plot_path, images, dataset, site, measure, as_json, threads):
     ds = _load_eval_data(loaded[0][2], dataset, cfg0.T)
     x = ds.x_test[:images]
     xm = ds.x_test[:measure]
+    xall = ds.x_test[:max(images, measure)]  # one pass per run over the drawn and the measured images
     rows, summary, lines = [], {}, []
     for r, model, _, masks in loaded:
         check_data_fits(model.cfg, ds)
         for label, m in (("dynamic", None), ("static", masks)):
             if label == "static" and m is None:
                 continue
-            kept = kept_positions(model, x, m)
+            kept = _kept_batched(model, xall, m)
             s = site if site is not None else min(kept)
             if s not in kept:
                 raise StataError(f"{r}: site {s} is not a pruning site (sites: {sorted(kept)})")
-            rows.append((f"{Path(r).name} {model.cfg.prune.method} ({label})", kept[s], model.cfg.grid))
+            rows.append((f"{Path(r).name} {model.cfg.prune.method} ({label})", kept[s][:, :images], model.cfg.grid))
             T = kept[s].shape[0]
             sets = [set(kept[s][t, 0].tolist()) for t in range(T)]
             stats = summary[f"{Path(r).name}:{label}"] = {
@@ -129,8 +136,7 @@ def kept_cmd(runs, plot_path, images, dataset, site, measure, as_json, threads):
                 "jaccard_t0_vs_t": [len(sets[0] & st) / max(1, len(sets[0] | st)) for st in sets]}
             if len(xm):
                 P = model.cfg.grid ** 2
-                km = np.concatenate([kept_positions(model, xm[i:i + 64], m)[s] for i in range(0, len(xm), 64)], 1)
-                share = ink_in_kept(patch_ink(xm, model.cfg.grid), km)
+                share = ink_in_kept(patch_ink(xm, model.cfg.grid), kept[s][:, :len(xm)])
                 stats.update(measured_images=len(xm), kept_patch_share=len(sets[0]) / P,
                            ink_share_in_kept_per_timestep=share.tolist())
                 lines.append(f"  {rows[-1][0]}: keeps {len(sets[0])} of {P} patches ({len(sets[0]) / P:.0%}), holding "
